@@ -1,0 +1,140 @@
+"""The ``pyro-aevb`` command: train, evaluate and sample.
+
+Errors a user can fix print one line, ``pyro-aevb: error: ...``, with no
+traceback, and exit non-zero (2 for usage errors). ``pyro-aevb --debug ...``
+shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from datetime import datetime
+from pathlib import Path
+
+from .errors import AEVBError, ConfigError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2, like every other usage error
+        raise ConfigError(f"{message} (see `{self.prog} --help`)")
+
+
+def _train(args) -> None:
+    from .config import load_recipe
+    from .train import train
+
+    overrides = list(args.set or [])
+    for key, value in (("data_dir", args.data_dir), ("device", args.device), ("seed", args.seed)):
+        if value is not None:
+            overrides.append(f"{key}={value}" if key != "data_dir" else f'data_dir="{value}"')
+    recipe = load_recipe(args.recipe, overrides)
+    name = Path(args.recipe).stem if args.recipe else "default"
+    out = Path(args.out) if args.out else Path("runs") / f"{name}-{datetime.now():%Y%m%d-%H%M%S}"
+    result = train(recipe, out, overwrite=args.overwrite, progress=not args.no_progress)
+    final = result.run_info["final"]
+    print(
+        f"test bound {final['test_elbo']:.2f} ± {final['test_elbo_se']:.2f} nats/datapoint, "
+        f"train {final['train_elbo']:.2f}, after {result.run_info['samples']:,} samples in "
+        f"{result.run_info['train_seconds']:.1f} s (KL: {result.run_info['kl']}); run: {result.run_dir}"
+    )
+
+
+def _evaluate(args) -> None:
+    from .data import load_dataset
+    from .evaluation import average_bound
+    from .estimators import kl_status
+    from .run import load
+    from .train import prepare_data, resolve_device
+
+    vae = load(args.run_dir, device=args.device)
+    recipe = vae.recipe
+    if args.data_dir:
+        recipe.data_dir = args.data_dir
+    data = prepare_data(recipe, resolve_device(str(next(vae.parameters()).device)),
+                        load_dataset(recipe.dataset, recipe.data_dir or None))
+    x = {"test": data.test, "train": data.train_eval}[args.split]
+    kl = kl_status(vae.model, vae.guide, x[: recipe.batch_size])
+    particles = args.num_particles or recipe.eval_particles
+    bound = average_bound(vae.model, vae.guide, x, particles, analytic_kl=kl == "analytic")
+    result = {"split": args.split, "n": bound.n, "elbo": bound.mean, "elbo_se": bound.se,
+              "num_particles": particles, "kl": kl, "run_dir": str(args.run_dir)}
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"{args.split}: average lower bound {bound.mean:.2f} ± {bound.se:.2f} nats per datapoint "
+              f"(n={bound.n}, L={particles}, KL: {kl})")
+
+
+def _sample(args) -> None:
+    import torch
+
+    from .plots import save_grid
+    from .run import load
+
+    vae = load(args.run_dir, device=args.device)
+    if args.n <= 0:
+        raise ConfigError(f"-n must be a positive number of samples, got {args.n}")
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_grid(vae.sample(args.n), vae.image_shape, out, nrow=max(1, int(args.n**0.5)))
+    print(f"wrote {args.n} samples to {out}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="pyro-aevb", description="Auto-Encoding Variational Bayes with Pyro.")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("train", help="train a VAE from a recipe (default: mnist-5k, offline)")
+    p.add_argument("recipe", nargs="?", help="a .toml path or a recipe name in models/")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe key (repeatable)")
+    p.add_argument("--out", help="run directory (default: runs/NAME-TIMESTAMP)")
+    p.add_argument("--data-dir", help="where data files live (default: $PYRO_AEVB_DATA)")
+    p.add_argument("--device", choices=["cpu", "cuda"])
+    p.add_argument("--seed", type=int)
+    p.add_argument("--overwrite", action="store_true", help="write into an existing run directory")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("evaluate", help="average lower bound per datapoint of a trained run")
+    p.add_argument("run_dir")
+    p.add_argument("--split", choices=["test", "train"], default="test")
+    p.add_argument("--num-particles", type=int, help="samples of z per datapoint (default: the recipe's)")
+    p.add_argument("--data-dir")
+    p.add_argument("--device", choices=["cpu", "cuda"])
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_evaluate)
+
+    p = sub.add_parser("sample", help="a grid of samples from a trained run")
+    p.add_argument("run_dir")
+    p.add_argument("-n", type=int, default=64)
+    p.add_argument("--out", required=True, help="output PNG")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", choices=["cpu", "cuda"])
+    p.set_defaults(func=_sample)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv
+    try:
+        args = build_parser().parse_args(argv)
+        args.func(args)
+    except AEVBError as e:
+        if debug:
+            raise
+        print(f"pyro-aevb: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("pyro-aevb: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

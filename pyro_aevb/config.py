@@ -1,0 +1,237 @@
+"""Recipes: typed defaults, TOML files in ``models/`` and ``--set`` overrides.
+
+A recipe is a short TOML file of overrides on the documented defaults of
+:class:`Recipe`. Every key is type-checked; an unknown key is an error that
+lists the valid ones. The resolved recipe is saved with every run and in every
+checkpoint, so a run can be read, repeated and resumed from its directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+#: Where the recipes shipped with the project live (``models/`` at the repo root).
+RECIPE_DIR = Path(__file__).resolve().parent.parent / "models"
+
+
+@dataclass
+class Recipe:
+    """Every setting of a run. Defaults give the small offline run of ``pyro-aevb train``."""
+
+    # --- what the recipe is ---
+    description: str = "The paper's MNIST VAE (Nz=20, 500 tanh units) on the offline mnist-5k digits."
+
+    # --- data ---
+    dataset: str = "mnist-5k"  # a name in pyro_aevb.data.DATASETS
+    data_dir: str = ""  # where data files live; "" means $PYRO_AEVB_DATA, then a user cache dir
+    eval_train_size: int = 10_000  # size of the fixed training subset the train bound is evaluated on
+
+    # --- model: p(z) p(x|z) and q(z|x), one hidden tanh layer each (paper, Appendix C) ---
+    latent_dim: int = 20  # Nz
+    hidden_dim: int = 500  # hidden units of the encoder and the decoder MLPs
+    likelihood: str = "bernoulli"  # "bernoulli" (binary data) or "gaussian" (real-valued, Frey Face)
+    prior: str = "standard-normal"  # p(z); a name in pyro_aevb.priors.PRIORS
+    init: str = "normal"  # "normal": weights ~ N(0, init_scale^2) as in the paper; "pytorch": nn.Linear's default
+    init_scale: float = 0.01  # std of the paper's initialisation
+
+    # --- the estimator (SGVB A/B, Section 2.3) ---
+    estimator: str = "sgvb-b"  # a name in pyro_aevb.estimators.ESTIMATORS
+    num_particles: int = 1  # L, samples of z per datapoint
+    beta: float = 1.0  # weight of the KL (latent site's log-densities), 1 is the true ELBO
+    kl_warmup: int = 0  # training samples over which beta rises linearly from 0; 0 disables warm-up
+
+    # --- optimisation (Algorithm 1) ---
+    batch_size: int = 100  # M
+    optimizer: str = "adagrad"  # "adagrad" (the paper's) or "adam"
+    lr: float = 0.02  # step size
+    weight_decay: float = 1.0  # lambda/2 ||params||^2 added to the full-data loss; 1.0 is a N(0, I) prior (MAP)
+    max_samples: int = 1_000_000  # training budget, in training samples (steps x M)
+
+    # --- evaluation, checkpoints, reproducibility ---
+    eval_every: int = 50_000  # evaluate the bound every this many training samples
+    eval_particles: int = 1  # samples of z per datapoint when evaluating the bound
+    checkpoint_every: int = 200_000  # write checkpoint.pt every this many training samples
+    seed: int = 0  # seeds torch, numpy, random and pyro
+    device: str = "cpu"  # "cpu" or "cuda"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_toml(self) -> str:
+        """The resolved recipe as TOML (all keys, so a saved recipe is self-contained)."""
+        lines = []
+        for f in fields(self):
+            lines.append(f"{f.name} = {_toml_value(getattr(self, f.name))}")
+        return "\n".join(lines) + "\n"
+
+
+_POSITIVE = {
+    "eval_train_size",
+    "latent_dim",
+    "hidden_dim",
+    "num_particles",
+    "batch_size",
+    "max_samples",
+    "eval_every",
+    "eval_particles",
+    "checkpoint_every",
+    "lr",
+    "init_scale",
+}
+_NON_NEGATIVE = {"beta", "kl_warmup", "weight_decay", "seed"}
+_CHOICES = {
+    "likelihood": ("bernoulli", "gaussian"),
+    "init": ("normal", "pytorch"),
+    "optimizer": ("adagrad", "adam"),
+    "device": ("cpu", "cuda"),
+}
+
+
+def valid_keys() -> list[str]:
+    return [f.name for f in fields(Recipe)]
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    escaped = str(value).replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{escaped}"'
+
+
+def _check_type(key: str, value: Any, default: Any) -> Any:
+    """Return ``value`` converted to the type of ``default``, or raise ConfigError."""
+    expected = type(default)
+    if expected is bool:
+        ok = isinstance(value, bool)
+    elif expected is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif expected is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    else:
+        ok = isinstance(value, str)
+    if not ok:
+        raise ConfigError(
+            f"recipe key '{key}' must be {expected.__name__}, got {type(value).__name__} {value!r}"
+        )
+    return value
+
+
+def _check_value(key: str, value: Any) -> None:
+    if key in _POSITIVE and not value > 0:
+        raise ConfigError(f"recipe key '{key}' must be > 0, got {value!r}")
+    if key in _NON_NEGATIVE and not value >= 0:
+        raise ConfigError(f"recipe key '{key}' must be >= 0, got {value!r}")
+    if key in _CHOICES and value not in _CHOICES[key]:
+        raise ConfigError(
+            f"recipe key '{key}' = {value!r} is not valid; choose one of: {', '.join(_CHOICES[key])}"
+        )
+
+
+def _unknown_key(key: str) -> ConfigError:
+    close = difflib.get_close_matches(key, valid_keys(), n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return ConfigError(
+        f"unknown recipe key '{key}'{hint}; valid keys: {', '.join(valid_keys())}"
+    )
+
+
+def make_recipe(overrides: dict[str, Any], base: Recipe | None = None) -> Recipe:
+    """Apply ``overrides`` to ``base`` (default: the typed defaults), checking keys, types and ranges."""
+    base = base or Recipe()
+    if not isinstance(overrides, dict):
+        raise ConfigError(f"a recipe must be a table of keys, got {type(overrides).__name__}")
+    values = base.to_dict()
+    for key, value in overrides.items():
+        if key not in values:
+            raise _unknown_key(str(key))
+        values[key] = _check_type(key, value, values[key])
+    for key, value in values.items():
+        _check_value(key, value)
+    return Recipe(**values)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Parse one ``--set key=value``. Values are TOML literals; bare words are strings."""
+    if "=" not in text:
+        raise ConfigError(f"--set expects KEY=VALUE, got {text!r}")
+    key, raw = (part.strip() for part in text.split("=", 1))
+    if key not in valid_keys():
+        raise _unknown_key(key)
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw  # a bare word such as adam or sgvb-a
+    default = getattr(Recipe(), key)
+    if isinstance(default, str) and not isinstance(value, str):
+        value = raw  # e.g. data_dir=123 is a path, not a number
+    return key, value
+
+
+def find_recipe(name_or_path: str) -> Path:
+    """A recipe by path, or by name in ``models/`` (``mnist_nz20`` or ``mnist_nz20.toml``)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    for candidate in (RECIPE_DIR / name_or_path, RECIPE_DIR / f"{name_or_path}.toml"):
+        if candidate.is_file():
+            return candidate
+    available = sorted(p.stem for p in RECIPE_DIR.glob("*.toml")) if RECIPE_DIR.is_dir() else []
+    raise ConfigError(
+        f"recipe '{name_or_path}' not found: give a path to a .toml file"
+        + (f" or one of: {', '.join(available)}" if available else "")
+    )
+
+
+def read_recipe_file(path: Path) -> dict[str, Any]:
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise ConfigError(f"cannot read recipe {path}: {e.strerror}") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"recipe {path} is not valid TOML: {e}") from None
+
+
+def load_recipe(
+    recipe: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None
+) -> Recipe:
+    """Resolve a recipe: typed defaults, then the TOML file (if any), then overrides."""
+    values: dict[str, Any] = {}
+    if recipe is not None:
+        values.update(read_recipe_file(find_recipe(str(recipe))))
+    if isinstance(overrides, dict):
+        values.update(overrides)
+    else:
+        for text in overrides or []:
+            key, value = parse_override(text)
+            values[key] = value
+    return make_recipe(values)
+
+
+def recipe_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Keys whose values differ, as ``key: old -> new`` lines."""
+    keys = sorted(set(old) | set(new))
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
+
+
+__all__ = [
+    "Recipe",
+    "RECIPE_DIR",
+    "find_recipe",
+    "load_recipe",
+    "make_recipe",
+    "parse_override",
+    "recipe_diff",
+    "valid_keys",
+]

@@ -1,0 +1,286 @@
+r"""The AEVB algorithm (Kingma & Welling 2013, Algorithm 1) as one training loop.
+
+Repeat until the budget of training samples is spent:
+
+1. draw a minibatch of M datapoints (an index draw on the device; grey-scale
+   data for a Bernoulli decoder is binarized afresh at every draw);
+2. draw noise and take the gradient of the estimator's minibatch bound, which
+   Pyro's ``pyro.plate(size=N)`` scales by N/M to the full data set;
+3. update (theta, phi) with Adagrad or Adam. Weight decay lambda adds
+   lambda/2 ||theta, phi||^2 to the full-data loss, so lambda = 1 is the
+   paper's N(0, I) prior on the parameters (a MAP estimate).
+
+Every ``eval_every`` training samples it evaluates the average bound per
+datapoint on a fixed training subset and the test split (estimator B where the
+KL is analytic), appends a row to ``metrics.jsonl``, and every
+``checkpoint_every`` samples writes ``checkpoint.pt``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+import pyro
+
+from . import __version__
+from .checkpoint import atomic_write, rng_state, save_checkpoint
+from .config import Recipe
+from .data import Dataset, load_dataset
+from .errors import ConfigError, DataError
+from .estimators import kl_status, make_estimator
+from .evaluation import average_bound
+from .plots import manifold_images, plot_bound, save_grid
+from .vae import VAE, build_vae
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device 'cuda' requested but CUDA is not available here; use --device cpu")
+    return torch.device(name)
+
+
+@dataclass
+class TrainingData:
+    """The data of a run, resident on the run's device."""
+
+    dataset: Dataset
+    train: torch.Tensor  # (N, D), grey or binary
+    train_eval: torch.Tensor  # (n_eval, D), fixed (binarized once if dynamic)
+    test: torch.Tensor  # (N_test, D), fixed (binarized once if dynamic)
+    binarize: bool  # draw fresh binary images from grey-scale pixels at each minibatch
+
+    @property
+    def num_data(self) -> int:
+        return self.train.shape[0]
+
+
+def prepare_data(recipe: Recipe, device: torch.device, dataset: Dataset | None = None) -> TrainingData:
+    """Load the data set, check it suits the likelihood, and move it to ``device`` once."""
+    dataset = dataset or load_dataset(recipe.dataset, recipe.data_dir or None)
+    for split, x in (("train", dataset.train), ("test", dataset.test)):
+        if not torch.isfinite(x).all():
+            raise DataError(f"data set '{dataset.name}' ({split}) contains NaN or Inf values")
+        if x.min() < 0 or x.max() > 1:
+            raise DataError(f"data set '{dataset.name}' ({split}) has values outside [0, 1]; rescale it")
+    binarize = recipe.likelihood == "bernoulli" and not dataset.binary
+    # A fixed generator: the evaluation sets are the same binary images at every evaluation.
+    gen = torch.Generator().manual_seed(recipe.seed + 12345)
+    fixed = (lambda x: torch.bernoulli(x, generator=gen)) if binarize else (lambda x: x)
+    train_eval = fixed(dataset.train[: recipe.eval_train_size])
+    test = fixed(dataset.test)
+    return TrainingData(dataset, dataset.train.to(device), train_eval.to(device), test.to(device), binarize)
+
+
+def kl_warmup_beta(recipe: Recipe, samples: int) -> float:
+    """beta, rising linearly from 0 to ``recipe.beta`` over ``kl_warmup`` training samples."""
+    if recipe.kl_warmup <= 0:
+        return recipe.beta
+    return recipe.beta * min(1.0, samples / recipe.kl_warmup)
+
+
+def make_optimizer(recipe: Recipe, params) -> torch.optim.Optimizer:
+    if recipe.optimizer == "adagrad":
+        return torch.optim.Adagrad(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
+    return torch.optim.Adam(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
+
+
+def evaluate(vae: VAE, data: TrainingData, recipe: Recipe, kl: str) -> dict:
+    """Average bound per datapoint (with its standard error) on the train subset and the test split."""
+    analytic = kl == "analytic"
+    train = average_bound(vae.model, vae.guide, data.train_eval, recipe.eval_particles, analytic)
+    test = average_bound(vae.model, vae.guide, data.test, recipe.eval_particles, analytic)
+    return {
+        "train_elbo": train.mean,
+        "train_elbo_se": train.se,
+        "test_elbo": test.mean,
+        "test_elbo_se": test.se,
+    }
+
+
+def versions() -> dict[str, str]:
+    import numpy
+
+    return {
+        "pyro_aevb": __version__,
+        "pyro": pyro.__version__,
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def machine(device: torch.device) -> dict:
+    info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def _write_json(path: Path, obj) -> None:
+    atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
+
+
+def prepare_run_dir(out_dir: Path, overwrite: bool) -> Path:
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise ConfigError(f"run directory {out_dir} already exists; choose another --out, or pass --overwrite")
+    (out_dir / "figures").mkdir(parents=True, exist_ok=True)
+    return out_dir
+
+
+@dataclass
+class TrainResult:
+    vae: VAE
+    run_dir: Path
+    metrics: list[dict] = field(default_factory=list)
+    run_info: dict = field(default_factory=dict)
+
+
+def train(
+    recipe: Recipe,
+    out_dir: str | Path,
+    overwrite: bool = False,
+    progress: bool = True,
+    dataset: Dataset | None = None,
+) -> TrainResult:
+    """Train the VAE of ``recipe`` and write the run directory ``out_dir``. Returns the trained model."""
+    started = time.time()
+    device = resolve_device(recipe.device)
+    pyro.set_rng_seed(recipe.seed)  # torch, numpy and random
+    data = prepare_data(recipe, device, dataset)
+    run_dir = prepare_run_dir(Path(out_dir), overwrite)
+    (run_dir / "recipe.toml").write_text(recipe.to_toml())
+
+    vae = build_vae(recipe, data.dataset.dim).to(device)
+    optimizer = make_optimizer(recipe, vae.parameters())
+    estimator = make_estimator(recipe.estimator, recipe.num_particles)
+    N, M = data.num_data, recipe.batch_size
+    if M > N:
+        raise ConfigError(f"batch_size {M} is larger than the training set ({N}); lower batch_size")
+    kl = kl_status(vae.model, vae.guide, data.train_eval[:M])
+    run_info = {
+        "status": "running",
+        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "estimator": recipe.estimator,
+        "kl": kl,
+        "device": str(device),
+        "seed": recipe.seed,
+        "versions": versions(),
+        "machine": machine(device),
+        "data": {
+            "name": data.dataset.name,
+            "source": data.dataset.source,
+            "n_train": N,
+            "n_test": data.test.shape[0],
+            "n_train_eval": data.train_eval.shape[0],
+            "dynamic_binarization": data.binarize,
+            "load_seconds": round(data.dataset.load_seconds, 3),
+        },
+    }
+    _write_json(run_dir / "run.json", run_info)
+    if recipe.estimator == "sgvb-b" and kl != "analytic":
+        tqdm.write(f"notice: no analytic KL for prior '{recipe.prior}': estimator B runs with a Monte Carlo KL")
+
+    steps_per_epoch = N // M  # an epoch is a permutation of the data, in full minibatches
+    total_steps = math.ceil(recipe.max_samples / M)
+    metrics: list[dict] = []
+    metrics_file = open(run_dir / "metrics.jsonl", "w")
+    bar = tqdm(total=total_steps * M, unit="sample", unit_scale=True, disable=not progress, desc="AEVB")
+    running_loss, running_steps = torch.zeros((), device=device), 0
+    train_seconds, t0 = 0.0, time.time()
+    perm = None
+
+    def checkpoint(step: int) -> None:
+        save_checkpoint(
+            run_dir / "checkpoint.pt",
+            model=vae.state_dict(),
+            optimizer=optimizer.state_dict(),
+            step=step,
+            samples=step * M,
+            recipe=recipe.to_dict(),
+            image_shape=list(data.dataset.image_shape),
+            rng=rng_state(),
+        )
+
+    for step in range(total_steps):
+        # 1. a minibatch: indices into device-resident data
+        pos = step % steps_per_epoch
+        if pos == 0:
+            perm = torch.randperm(N, device=device)
+        x = data.train[perm[pos * M : (pos + 1) * M]]  # (M, D)
+        if data.binarize:
+            x = torch.bernoulli(x)
+        samples_before, samples = step * M, (step + 1) * M
+        # 2.-3. gradient of the scaled minibatch bound, then the update
+        loss = estimator.differentiable_loss(
+            vae.model, vae.guide, x, num_data=N, beta=kl_warmup_beta(recipe, samples_before)
+        )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        running_loss += loss.detach()
+        running_steps += 1
+        bar.update(M)
+
+        if running_steps == 50 or step == total_steps - 1:  # one host sync per 50 steps, not per step
+            bar.set_postfix(bound=f"{-running_loss.item() / running_steps / N:.2f}", refresh=False)
+            running_loss.zero_()
+            running_steps = 0
+        last = step == total_steps - 1
+        if samples // recipe.eval_every > samples_before // recipe.eval_every or last:
+            train_seconds += time.time() - t0
+            t_eval = time.time()
+            row = {"step": step + 1, "samples": samples, "epoch": samples / N,
+                   "beta": kl_warmup_beta(recipe, samples), **evaluate(vae, data, recipe, kl),
+                   "seconds": round(train_seconds, 3), "eval_seconds": round(time.time() - t_eval, 3)}
+            metrics.append(row)
+            metrics_file.write(json.dumps(row) + "\n")
+            metrics_file.flush()
+            bar.set_postfix(bound=f"{row['train_elbo']:.2f}", test=f"{row['test_elbo']:.2f}", refresh=True)
+            t0 = time.time()
+        if samples // recipe.checkpoint_every > samples_before // recipe.checkpoint_every or last:
+            checkpoint(step + 1)
+    bar.close()
+    metrics_file.close()
+
+    write_figures(vae, data, metrics, run_dir, recipe)
+    final = metrics[-1]
+    run_info.update(
+        status="complete",
+        finished=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        wall_seconds=round(time.time() - started, 3),
+        train_seconds=round(train_seconds, 3),
+        steps=total_steps,
+        samples=total_steps * M,
+        final={k: final[k] for k in ("train_elbo", "train_elbo_se", "test_elbo", "test_elbo_se")},
+    )
+    _write_json(run_dir / "run.json", run_info)
+    return TrainResult(vae, run_dir, metrics, run_info)
+
+
+@torch.no_grad()
+def write_figures(vae: VAE, data: TrainingData, metrics: list[dict], run_dir: Path, recipe: Recipe) -> None:
+    """The bound against samples (Fig. 2), samples, reconstructions and, for Nz = 2, the manifold (Fig. 4)."""
+    fig_dir = run_dir / "figures"
+    shape = data.dataset.image_shape
+    title = f"{data.dataset.name}, $N_z$={recipe.latent_dim}, {recipe.estimator}"
+    plot_bound({"AEVB": metrics}, fig_dir / "bound.png", title=title)
+    save_grid(vae.sample(64), shape, fig_dir / "samples.png", title="samples (decoder means)")
+    x = data.test[:32]
+    pairs = torch.stack([x, vae.reconstruct(x)], 1).reshape(-1, x.shape[-1])  # original, reconstruction, ...
+    save_grid(pairs, shape, fig_dir / "reconstructions.png", title="test images and reconstructions")
+    if recipe.latent_dim == 2:
+        n = 20
+        images = manifold_images(vae.decoder.mean, n, device=data.test.device)
+        save_grid(images, shape, fig_dir / "manifold.png", nrow=n, title="learned 2-D manifold")
