@@ -157,7 +157,20 @@ def make_recipe(overrides: dict[str, Any], base: Recipe | None = None) -> Recipe
         values[key] = _check_type(key, value, values[key])
     for key, value in values.items():
         _check_value(key, value)
+    _check_registered(values)
     return Recipe(**values)
+
+
+def _check_registered(values: dict[str, Any]) -> None:
+    """Names that select from a registry must be registered (read at call time: registries grow)."""
+    from .data import DATASETS
+    from .estimators import ESTIMATORS
+    from .priors import PRIORS
+
+    for key, registry, what in (("dataset", DATASETS, "datasets"), ("estimator", ESTIMATORS, "estimators"),
+                                ("prior", PRIORS, "priors")):
+        if values[key] not in registry:
+            raise ConfigError(f"unknown {key} '{values[key]}'; valid {what}: {', '.join(sorted(registry))}")
 
 
 def parse_override(text: str) -> tuple[str, Any]:

@@ -159,9 +159,6 @@ def train(
     device = resolve_device(recipe.device)
     pyro.set_rng_seed(recipe.seed)  # torch, numpy and random
     data = prepare_data(recipe, device, dataset)
-    run_dir = prepare_run_dir(Path(out_dir), overwrite)
-    (run_dir / "recipe.toml").write_text(recipe.to_toml())
-
     vae = build_vae(recipe, data.dataset.dim).to(device)
     optimizer = make_optimizer(recipe, vae.parameters())
     estimator = make_estimator(recipe.estimator, recipe.num_particles)
@@ -169,6 +166,9 @@ def train(
     if M > N:
         raise ConfigError(f"batch_size {M} is larger than the training set ({N}); lower batch_size")
     kl = kl_status(vae.model, vae.guide, data.train_eval[:M])
+    # Only now, with every input checked, is anything written.
+    run_dir = prepare_run_dir(Path(out_dir), overwrite)
+    (run_dir / "recipe.toml").write_text(recipe.to_toml())
     run_info = {
         "status": "running",
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),

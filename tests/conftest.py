@@ -1,0 +1,27 @@
+import os
+from pathlib import Path
+
+import pytest
+
+import pyro
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("PYRO_AEVB_DATA") or REPO.parent / "shared" / "data")
+
+
+@pytest.fixture(autouse=True)
+def _clean_pyro_state():
+    pyro.clear_param_store()
+    pyro.enable_validation(True)
+    yield
+    pyro.clear_param_store()
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """../shared/data (or $PYRO_AEVB_DATA). Missing data is a failure, not a skip: CI has it."""
+    assert (SHARED_DATA / "binarized_mnist" / "binarized_mnist_test.amat").is_file(), (
+        f"shared data not found at {SHARED_DATA}; set PYRO_AEVB_DATA to the folder holding "
+        "binarized_mnist/ and frey_faces/"
+    )
+    return SHARED_DATA

@@ -1,0 +1,99 @@
+"""The command line as a user runs it: a subprocess, a tiny budget, outputs that parse."""
+
+import json
+import subprocess
+import sys
+import tomllib
+
+import pytest
+import torch
+
+from pyro_aevb.checkpoint import load_checkpoint
+from pyro_aevb.config import make_recipe
+
+
+def run_cli(*args, cwd=None):
+    return subprocess.run(
+        [sys.executable, "-m", "pyro_aevb.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=300
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "run"
+    proc = run_cli("train", "--set", "max_samples=1000", "--set", "eval_every=500", "--set", "hidden_dim=50",
+                   "--out", str(out), "--seed", "3")
+    assert proc.returncode == 0, proc.stderr
+    assert "test bound" in proc.stdout
+    assert "AEVB" in proc.stderr  # the tqdm progress bar
+    return out
+
+
+def test_train_writes_a_run_directory(tiny_run):
+    rows = [json.loads(line) for line in (tiny_run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["samples"] for r in rows] == [500, 1000]
+    for row in rows:
+        assert {"step", "samples", "train_elbo", "test_elbo", "seconds"} <= set(row)
+        assert -800 < row["test_elbo"] < 0
+    info = json.loads((tiny_run / "run.json").read_text())
+    assert info["status"] == "complete" and info["kl"] == "analytic" and info["estimator"] == "sgvb-b"
+    assert info["seed"] == 3 and info["device"] == "cpu" and info["wall_seconds"] > 0
+    assert {"torch", "pyro", "pyro_aevb"} <= set(info["versions"])
+    recipe = make_recipe(tomllib.loads((tiny_run / "recipe.toml").read_text()))
+    assert recipe.hidden_dim == 50 and recipe.seed == 3
+    payload = torch.load(tiny_run / "checkpoint.pt", weights_only=True)
+    assert payload["samples"] == 1000 and payload["recipe"] == recipe.to_dict()
+    assert load_checkpoint(tiny_run / "checkpoint.pt")["step"] == 10
+    for fig in ("bound.png", "samples.png", "reconstructions.png"):
+        assert (tiny_run / "figures" / fig).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_evaluate_json(tiny_run):
+    proc = run_cli("evaluate", str(tiny_run), "--json")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["split"] == "test" and result["n"] == 1000
+    last = json.loads((tiny_run / "metrics.jsonl").read_text().splitlines()[-1])
+    # Same parameters, fresh noise: within a few standard errors of the logged bound.
+    assert abs(result["elbo"] - last["test_elbo"]) < 5 * last["test_elbo_se"] + 0.5
+    proc = run_cli("evaluate", str(tiny_run), "--split", "train")
+    assert proc.returncode == 0 and "train: average lower bound" in proc.stdout
+
+
+def test_sample(tiny_run, tmp_path):
+    out = tmp_path / "s.png"
+    proc = run_cli("sample", str(tiny_run), "-n", "16", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert out.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_existing_run_dir_is_refused(tiny_run):
+    before = sorted(p.name for p in tiny_run.iterdir())
+    proc = run_cli("train", "--set", "max_samples=100", "--out", str(tiny_run))
+    assert proc.returncode == 2
+    assert "already exists" in proc.stderr and "--overwrite" in proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert sorted(p.name for p in tiny_run.iterdir()) == before
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["train", "--set", "latent_dimm=3"], ["unknown recipe key", "latent_dim"]),
+        (["train", "--set", "estimator=sgvb-c"], ["unknown estimator", "sgvb-a", "sgvb-b"]),
+        (["train", "--set", "dataset=cifar"], ["unknown dataset", "mnist-5k"]),
+        (["train", "--device", "cuda"], ["cuda", "not available"]),
+        (["train", "no_such_recipe"], ["recipe", "not found", "mnist_nz20"]),
+        (["frobnicate"], ["invalid choice"]),
+        (["evaluate", "/nonexistent/run"], ["does not exist"]),
+    ],
+)
+def test_usage_errors_are_one_line(args, words, tmp_path):
+    if torch.cuda.is_available() and "cuda" in args:
+        pytest.skip("this machine has CUDA")
+    proc = run_cli(*args, "--out", str(tmp_path / "o")) if args[0] == "train" else run_cli(*args)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert all(w in proc.stderr for w in words), proc.stderr
+    assert not (tmp_path / "o").exists()
