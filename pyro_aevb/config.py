@@ -11,7 +11,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import tomllib
-from dataclasses import dataclass, fields
+import inspect
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -38,11 +39,13 @@ class Recipe:
     hidden_dim: int = 500  # hidden units of the encoder and the decoder MLPs
     likelihood: str = "bernoulli"  # "bernoulli" (binary data) or "gaussian" (real-valued, Frey Face)
     prior: str = "standard-normal"  # p(z); a name in pyro_aevb.priors.PRIORS
+    prior_options: dict = field(default_factory=dict)  # the prior's own keys, as a [prior_options] table
     init: str = "normal"  # "normal": weights ~ N(0, init_scale^2) as in the paper; "pytorch": nn.Linear's default
     init_scale: float = 0.01  # std of the paper's initialisation
 
     # --- the estimator (SGVB A/B, Section 2.3) ---
     estimator: str = "sgvb-b"  # a name in pyro_aevb.estimators.ESTIMATORS
+    estimator_options: dict = field(default_factory=dict)  # the estimator's own keys, as a [estimator_options] table
     num_particles: int = 1  # L, samples of z per datapoint
     beta: float = 1.0  # weight of the KL (latent site's log-densities), 1 is the true ELBO
     kl_warmup: int = 0  # training samples over which beta rises linearly from 0; 0 disables warm-up
@@ -66,10 +69,14 @@ class Recipe:
 
     def to_toml(self) -> str:
         """The resolved recipe as TOML (all keys, so a saved recipe is self-contained)."""
-        lines = []
+        lines, tables = [], []
         for f in fields(self):
-            lines.append(f"{f.name} = {_toml_value(getattr(self, f.name))}")
-        return "\n".join(lines) + "\n"
+            value = getattr(self, f.name)
+            if isinstance(value, dict):  # TOML tables go after the top-level keys
+                tables += ["", f"[{f.name}]"] + [f"{k} = {_toml_value(v)}" for k, v in value.items()]
+            else:
+                lines.append(f"{f.name} = {_toml_value(value)}")
+        return "\n".join(lines + tables) + "\n"
 
 
 _POSITIVE = {
@@ -99,6 +106,8 @@ def valid_keys() -> list[str]:
 
 
 def _toml_value(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):
@@ -110,7 +119,10 @@ def _toml_value(value: Any) -> str:
 def _check_type(key: str, value: Any, default: Any) -> Any:
     """Return ``value`` converted to the type of ``default``, or raise ConfigError."""
     expected = type(default)
-    if expected is bool:
+    if expected is dict:
+        ok = isinstance(value, dict)
+        value = dict(value) if ok else value
+    elif expected is bool:
         ok = isinstance(value, bool)
     elif expected is int:
         ok = isinstance(value, int) and not isinstance(value, bool)
@@ -171,20 +183,52 @@ def _check_registered(values: dict[str, Any]) -> None:
                                 ("prior", PRIORS, "priors")):
         if values[key] not in registry:
             raise ConfigError(f"unknown {key} '{values[key]}'; valid {what}: {', '.join(sorted(registry))}")
+    for key in ("prior", "estimator"):
+        values[f"{key}_options"] = check_options(
+            PRIORS[values["prior"]] if key == "prior" else ESTIMATORS[values["estimator"]],
+            values[f"{key}_options"], f"{key}_options", f"{key} '{values[key]}'")
+
+
+def factory_options(factory) -> dict[str, Any]:
+    """The keyword options a registry factory takes, with their defaults (its first argument is not one)."""
+    params = list(inspect.signature(factory).parameters.values())[1:]
+    return {p.name: p.default for p in params
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.default is not p.empty}
+
+
+def check_options(factory, options: dict[str, Any], table: str, owner: str) -> dict[str, Any]:
+    """Check a [prior_options]/[estimator_options] table against the factory's keyword defaults."""
+    valid, checked = factory_options(factory), {}
+    for key, value in options.items():
+        if key not in valid:
+            listing = ", ".join(valid) if valid else "none"
+            raise ConfigError(f"unknown key '{key}' in [{table}] for {owner}; valid keys: {listing}")
+        checked[key] = _check_type(f"{table}.{key}", value, valid[key]) if valid[key] is not None else value
+    return checked
 
 
 def parse_override(text: str) -> tuple[str, Any]:
-    """Parse one ``--set key=value``. Values are TOML literals; bare words are strings."""
+    """Parse one ``--set key=value`` (or ``table.key=value``). Values are TOML literals; bare words are strings.
+
+    A dotted key returns ``(table, {key: value})``, to be merged into that table.
+    """
     if "=" not in text:
         raise ConfigError(f"--set expects KEY=VALUE, got {text!r}")
     key, raw = (part.strip() for part in text.split("=", 1))
-    if key not in valid_keys():
-        raise _unknown_key(key)
+    table, _, sub = key.partition(".")
+    if table not in valid_keys():
+        raise _unknown_key(table)
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
         value = raw  # a bare word such as adam or sgvb-a
-    default = getattr(Recipe(), key)
+    default = getattr(Recipe(), table)
+    if isinstance(default, dict):
+        if not sub:
+            raise ConfigError(f"'{table}' is a table: set one of its keys with --set {table}.KEY=VALUE")
+        return table, {sub: value}
+    if sub:
+        raise ConfigError(f"recipe key '{table}' is not a table; use --set {table}=VALUE")
     if isinstance(default, str) and not isinstance(value, str):
         value = raw  # e.g. data_dir=123 is a path, not a number
     return key, value
@@ -228,6 +272,8 @@ def load_recipe(
     else:
         for text in overrides or []:
             key, value = parse_override(text)
+            if isinstance(value, dict):
+                value = {**values.get(key, {}), **value}
             values[key] = value
     return make_recipe(values)
 

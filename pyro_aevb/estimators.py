@@ -74,6 +74,25 @@ def make_estimator(name: str, num_particles: int = 1, **options) -> pyro.infer.E
     return ESTIMATORS[name](num_particles=num_particles, **options)
 
 
+def backward(estimator, model, guide, *args, **kwargs) -> torch.Tensor:
+    """One gradient evaluation: fills ``.grad`` and returns the loss (-ELBO estimate) as a detached tensor.
+
+    Uses ``differentiable_loss`` where the estimator has it (no host sync, which
+    matters on a GPU), else Pyro's ``loss_and_grads``.
+    """
+    if hasattr(estimator, "differentiable_loss"):
+        loss = estimator.differentiable_loss(model, guide, *args, **kwargs)
+        loss.backward()
+        return loss.detach()
+    return torch.as_tensor(estimator.loss_and_grads(model, guide, *args, **kwargs))
+
+
+def estimator_parameters(estimator) -> list[torch.nn.Parameter]:
+    """Trainable parameters an estimator owns itself (e.g. a neural baseline), optimised with the model's."""
+    params = getattr(estimator, "parameters", None)
+    return list(params()) if callable(params) else []
+
+
 def analytic_kl_sites(model, guide, *args, **kwargs) -> dict[str, bool]:
     """For each latent site: does ``kl_divergence(q, p)`` exist for its (guide, model) pair?
 

@@ -42,11 +42,11 @@ PRIORS = {
 }
 
 
-def make_prior(name: str, latent_dim: int) -> nn.Module:
-    """Build the prior called ``name``, and check it honours the protocol above."""
+def make_prior(name: str, latent_dim: int, **options) -> nn.Module:
+    """Build the prior called ``name`` with its ``options``, and check it honours the protocol above."""
     if name not in PRIORS:
         raise ConfigError(f"unknown prior '{name}'; valid priors: {', '.join(PRIORS)}")
-    prior = PRIORS[name](latent_dim)
+    prior = PRIORS[name](latent_dim, **options)
     check_prior(prior, latent_dim)
     return prior
 

@@ -37,7 +37,7 @@ from .checkpoint import atomic_write, rng_state, save_checkpoint
 from .config import Recipe
 from .data import Dataset, load_dataset
 from .errors import ConfigError, DataError
-from .estimators import kl_status, make_estimator
+from .estimators import backward, estimator_parameters, kl_status, make_estimator
 from .evaluation import average_bound
 from .plots import manifold_images, plot_bound, save_grid
 from .vae import VAE, build_vae
@@ -153,6 +153,7 @@ def train(
     overwrite: bool = False,
     progress: bool = True,
     dataset: Dataset | None = None,
+    initial_state: dict | None = None,
 ) -> TrainResult:
     """Train the VAE of ``recipe`` and write the run directory ``out_dir``. Returns the trained model."""
     started = time.time()
@@ -160,8 +161,12 @@ def train(
     pyro.set_rng_seed(recipe.seed)  # torch, numpy and random
     data = prepare_data(recipe, device, dataset)
     vae = build_vae(recipe, data.dataset.dim).to(device)
-    optimizer = make_optimizer(recipe, vae.parameters())
-    estimator = make_estimator(recipe.estimator, recipe.num_particles)
+    if initial_state is not None:  # e.g. `compare`: every estimator starts from the same parameters
+        vae.load_state_dict(initial_state)
+    estimator = make_estimator(recipe.estimator, recipe.num_particles, **recipe.estimator_options)
+    if isinstance(estimator, torch.nn.Module):
+        estimator.to(device)
+    optimizer = make_optimizer(recipe, list(vae.parameters()) + estimator_parameters(estimator))
     N, M = data.num_data, recipe.batch_size
     if M > N:
         raise ConfigError(f"batch_size {M} is larger than the training set ({N}); lower batch_size")
@@ -223,13 +228,10 @@ def train(
             x = torch.bernoulli(x)
         samples_before, samples = step * M, (step + 1) * M
         # 2.-3. gradient of the scaled minibatch bound, then the update
-        loss = estimator.differentiable_loss(
-            vae.model, vae.guide, x, num_data=N, beta=kl_warmup_beta(recipe, samples_before)
-        )
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss = backward(estimator, vae.model, vae.guide, x, num_data=N, beta=kl_warmup_beta(recipe, samples_before))
         optimizer.step()
-        running_loss += loss.detach()
+        running_loss += loss
         running_steps += 1
         bar.update(M)
 

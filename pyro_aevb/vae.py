@@ -152,7 +152,7 @@ def init_normal_(module: nn.Module, std: float) -> None:
 
 def build_vae(recipe, data_dim: int) -> VAE:
     """The VAE a recipe describes (layer sizes, likelihood, prior and initialisation)."""
-    prior = make_prior(recipe.prior, recipe.latent_dim)
+    prior = make_prior(recipe.prior, recipe.latent_dim, **recipe.prior_options)
     encoder = Encoder(data_dim, recipe.hidden_dim, recipe.latent_dim)
     decoder = DECODERS[recipe.likelihood](recipe.latent_dim, recipe.hidden_dim, data_dim)
     vae = VAE(prior, encoder, decoder)

@@ -97,3 +97,23 @@ def test_fuzz_recipes_accept_or_config_error(overrides):
     except ConfigError:
         return
     assert isinstance(recipe, Recipe)
+
+
+def test_options_tables_are_checked_against_the_factory(monkeypatch):
+    from pyro_aevb import estimators
+
+    def fancy(num_particles=1, temperature=1.0, mode="a"):
+        raise AssertionError("not built by the parser")
+
+    monkeypatch.setitem(estimators.ESTIMATORS, "fancy", fancy)
+    recipe = load_recipe(None, ["estimator=fancy", "estimator_options.temperature=2", "estimator_options.mode=b"])
+    assert recipe.estimator_options == {"temperature": 2.0, "mode": "b"}
+    assert make_recipe(tomllib.loads(recipe.to_toml())) == recipe  # tables survive the round trip
+    with pytest.raises(ConfigError, match=r"unknown key 'temp' in \[estimator_options\].*temperature, mode"):
+        load_recipe(None, ["estimator=fancy", "estimator_options.temp=2"])
+    with pytest.raises(ConfigError, match="estimator_options.mode.*str"):
+        make_recipe({"estimator": "fancy", "estimator_options": {"mode": 3}})
+    with pytest.raises(ConfigError, match="valid keys: none"):
+        make_recipe({"prior_options": {"components": 3}})  # standard-normal takes no options
+    with pytest.raises(ConfigError, match="is a table"):
+        parse_override("prior_options=3")
