@@ -54,6 +54,41 @@ def _per_datapoint(log_prob: torch.Tensor, num_particles: int, n: int) -> torch.
     return log_prob.expand(num_particles, n) if log_prob.dim() <= 2 else log_prob
 
 
+def _latent_terms(model_trace, guide_trace, analytic_kl: bool, x: torch.Tensor, num_particles: int):
+    """Per-datapoint (L, M) terms: sum of observed log p(x|z), and the latent part of the bound."""
+    n = x.shape[0]
+    log_lik = torch.zeros(num_particles, n, device=x.device, dtype=x.dtype)
+    latent = torch.zeros_like(log_lik)
+    for name, site in model_trace.nodes.items():
+        if site["type"] != "sample" or site_is_subsample(site):
+            continue
+        if site["is_observed"]:
+            log_lik = log_lik + _per_datapoint(site["fn"].log_prob(site["value"]), num_particles, n)
+            continue
+        q = guide_trace.nodes[name]["fn"]
+        try:
+            if not analytic_kl:
+                raise NotImplementedError
+            latent = latent - _per_datapoint(kl_divergence(q, site["fn"]), num_particles, n)
+        except NotImplementedError:
+            log_p = site["fn"].log_prob(site["value"])
+            log_q = q.log_prob(site["value"])
+            latent = latent + _per_datapoint(log_p - log_q, num_particles, n)
+    return log_lik, latent
+
+
+def log_weights(model, guide, x: torch.Tensor, num_particles: int = 1, **kwargs) -> torch.Tensor:
+    r"""Importance log-weights :math:`\log p(x_i, z_{k}) - \log q(z_{k}|x_i)`, shape (K, M), z_k ~ q(z|x_i).
+
+    One vectorized pass over K particles; differentiable (call under
+    ``torch.no_grad()`` when no gradient is needed). Site scales (``beta``,
+    ``num_data``) are not applied: these are the per-datapoint weights.
+    """
+    model_trace, guide_trace = _traces(model, guide, x, num_particles, **kwargs)
+    log_lik, latent = _latent_terms(model_trace, guide_trace, False, x, num_particles)
+    return log_lik + latent
+
+
 @torch.no_grad()
 def elbo_per_datapoint(
     model, guide, x: torch.Tensor, num_particles: int = 1, analytic_kl: bool = True, **kwargs
@@ -61,26 +96,11 @@ def elbo_per_datapoint(
     """The lower bound of each datapoint of x (shape (M, D)), averaged over L particles: shape (M,).
 
     ``analytic_kl=True`` gives estimator B where a KL is registered, else A.
+    Site scales are not applied, so this is always the beta = 1 bound.
     """
-    n = x.shape[0]
     model_trace, guide_trace = _traces(model, guide, x, num_particles, **kwargs)
-    elbo = torch.zeros(num_particles, n, device=x.device, dtype=x.dtype)  # (L, M)
-    for name, site in model_trace.nodes.items():
-        if site["type"] != "sample" or site_is_subsample(site):
-            continue
-        if site["is_observed"]:
-            elbo = elbo + _per_datapoint(site["fn"].log_prob(site["value"]), num_particles, n)
-            continue
-        q = guide_trace.nodes[name]["fn"]
-        try:
-            if not analytic_kl:
-                raise NotImplementedError
-            elbo = elbo - _per_datapoint(kl_divergence(q, site["fn"]), num_particles, n)
-        except NotImplementedError:
-            log_p = site["fn"].log_prob(site["value"])
-            log_q = q.log_prob(site["value"])
-            elbo = elbo + _per_datapoint(log_p - log_q, num_particles, n)
-    return elbo.mean(0)
+    log_lik, latent = _latent_terms(model_trace, guide_trace, analytic_kl, x, num_particles)
+    return (log_lik + latent).mean(0)
 
 
 def average_bound(

@@ -161,6 +161,8 @@ def train(
     pyro.set_rng_seed(recipe.seed)  # torch, numpy and random
     data = prepare_data(recipe, device, dataset)
     vae = build_vae(recipe, data.dataset.dim).to(device)
+    if hasattr(vae.prior, "initialize_from_data"):  # e.g. VampPrior's pseudo-inputs from training images
+        vae.prior.initialize_from_data(data.train)
     if initial_state is not None:  # e.g. `compare`: every estimator starts from the same parameters
         vae.load_state_dict(initial_state)
     estimator = make_estimator(recipe.estimator, recipe.num_particles, **recipe.estimator_options)
@@ -195,7 +197,8 @@ def train(
     }
     _write_json(run_dir / "run.json", run_info)
     if recipe.estimator == "sgvb-b" and kl != "analytic":
-        tqdm.write(f"notice: no analytic KL for prior '{recipe.prior}': estimator B runs with a Monte Carlo KL")
+        tqdm.write(f"notice: KL: Monte Carlo. No analytic KL is registered for prior '{recipe.prior}' against "
+                   "the Gaussian guide, so sgvb-b (TraceMeanField_ELBO) uses a Monte Carlo KL term")
 
     steps_per_epoch = N // M  # an epoch is a permutation of the data, in full minibatches
     total_steps = math.ceil(recipe.max_samples / M)

@@ -155,7 +155,10 @@ def build_vae(recipe, data_dim: int) -> VAE:
     prior = make_prior(recipe.prior, recipe.latent_dim, **recipe.prior_options)
     encoder = Encoder(data_dim, recipe.hidden_dim, recipe.latent_dim)
     decoder = DECODERS[recipe.likelihood](recipe.latent_dim, recipe.hidden_dim, data_dim)
-    vae = VAE(prior, encoder, decoder)
     if recipe.init == "normal":
-        init_normal_(vae, recipe.init_scale)
+        init_normal_(encoder, recipe.init_scale)
+        init_normal_(decoder, recipe.init_scale)
+    vae = VAE(prior, encoder, decoder)
+    if hasattr(prior, "bind"):  # a prior that needs the VAE, e.g. VampPrior uses the encoder
+        prior.bind(vae)
     return vae

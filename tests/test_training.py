@@ -82,7 +82,7 @@ def test_kl_metadata_reports_monte_carlo_fallback(tmp_path, monkeypatch, capsys)
     result = train(recipe, tmp_path / "r", progress=False)
     info = json.loads((tmp_path / "r" / "run.json").read_text())
     assert result.run_info["kl"] == info["kl"] == "monte-carlo"
-    assert "Monte Carlo KL" in capsys.readouterr().out
+    assert "KL: Monte Carlo" in capsys.readouterr().out
 
 
 def test_kl_warmup_schedule():
