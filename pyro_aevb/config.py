@@ -40,7 +40,7 @@ class Recipe:
     likelihood: str = "bernoulli"  # "bernoulli" (binary data) or "gaussian" (real-valued, Frey Face)
     prior: str = "standard-normal"  # p(z); a name in pyro_aevb.priors.PRIORS
     prior_options: dict = field(default_factory=dict)  # the prior's own keys, as a [prior_options] table
-    init: str = "normal"  # "normal": weights ~ N(0, init_scale^2) as in the paper; "pytorch": nn.Linear's default
+    init: str = "pytorch"  # "pytorch": nn.Linear's default (trains faster here); "normal": N(0, init_scale^2), the paper's
     init_scale: float = 0.01  # std of the paper's initialisation
 
     # --- the estimator (SGVB A/B, Section 2.3) ---
@@ -53,7 +53,7 @@ class Recipe:
     # --- optimisation (Algorithm 1) ---
     batch_size: int = 100  # M
     optimizer: str = "adagrad"  # "adagrad" (the paper's) or "adam"
-    lr: float = 0.02  # step size
+    lr: float = 0.01  # step size; of the paper's {0.01, 0.02, 0.1}, 0.01 trains MNIST best early on
     weight_decay: float = 1.0  # lambda/2 ||params||^2 added to the full-data loss; 1.0 is a N(0, I) prior (MAP)
     max_samples: int = 1_000_000  # training budget, in training samples (steps x M)
 
