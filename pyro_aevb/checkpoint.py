@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import pickle
 import random
+import signal
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,24 @@ FORMAT = "pyro-aevb-checkpoint"
 VERSION = 1
 
 
+_writes: dict[str, int] = {}
+
+
+def _kill_in_write_hook(path: Path, f) -> None:
+    """Test hook: ``PYRO_AEVB_TEST_KILL_IN_WRITE=NAME:n`` SIGKILLs the process in the middle of the
+    n-th write of file NAME, after half its bytes reached the temporary file."""
+    spec = os.environ.get("PYRO_AEVB_TEST_KILL_IN_WRITE")
+    if not spec:
+        return
+    name, n = spec.rsplit(":", 1)
+    _writes[path.name] = _writes.get(path.name, 0) + 1
+    if name == path.name and _writes[path.name] == int(n):
+        f.flush()
+        f.truncate(max(1, f.tell() // 2))
+        os.fsync(f.fileno())
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def atomic_write(path: Path, write) -> None:
     """Call ``write(file_object)`` on a temporary file beside ``path``, fsync, then rename over ``path``."""
     path = Path(path)
@@ -33,6 +52,7 @@ def atomic_write(path: Path, write) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
+            _kill_in_write_hook(path, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

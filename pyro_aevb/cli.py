@@ -22,17 +22,32 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _train(args) -> None:
-    from .config import load_recipe
+    from .checkpoint import load_checkpoint
+    from .config import apply_overrides, load_recipe, make_recipe
     from .train import train
 
     overrides = list(args.set or [])
     for key, value in (("data_dir", args.data_dir), ("device", args.device), ("seed", args.seed)):
         if value is not None:
             overrides.append(f"{key}={value}" if key != "data_dir" else f'data_dir="{value}"')
-    recipe = load_recipe(args.recipe, overrides)
-    name = Path(args.recipe).stem if args.recipe else "default"
-    out = Path(args.out) if args.out else Path("runs") / f"{name}-{datetime.now():%Y%m%d-%H%M%S}"
-    result = train(recipe, out, overwrite=args.overwrite, progress=not args.no_progress)
+    if args.resume:
+        if args.out or args.overwrite:
+            raise ConfigError("--resume DIR continues DIR; it takes neither --out nor --overwrite")
+        out = Path(args.resume)
+        if args.recipe:
+            recipe = load_recipe(args.recipe, overrides)
+        else:  # the run's own recipe, with any overrides on top (which only --force accepts)
+            if not (out / "checkpoint.pt").is_file():
+                raise ConfigError(f"cannot resume {out}: it has no checkpoint.pt; start a new run with --out")
+            recipe = make_recipe(apply_overrides(load_checkpoint(out / "checkpoint.pt")["recipe"], overrides))
+    else:
+        if args.force:
+            raise ConfigError("--force only applies with --resume")
+        recipe = load_recipe(args.recipe, overrides)
+        name = Path(args.recipe).stem if args.recipe else "default"
+        out = Path(args.out) if args.out else Path("runs") / f"{name}-{datetime.now():%Y%m%d-%H%M%S}"
+    result = train(recipe, out, overwrite=args.overwrite, progress=not args.no_progress,
+                   resume=bool(args.resume), force=args.force)
     final = result.run_info["final"]
     print(
         f"test bound {final['test_elbo']:.2f} ± {final['test_elbo_se']:.2f} nats/datapoint, "
@@ -96,7 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="where data files live (default: $PYRO_AEVB_DATA)")
     p.add_argument("--device", choices=["cpu", "cuda"])
     p.add_argument("--seed", type=int)
-    p.add_argument("--overwrite", action="store_true", help="write into an existing run directory")
+    p.add_argument("--overwrite", action="store_true", help="start afresh in an existing --out (the old one is moved aside)")
+    p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its checkpoint, exactly")
+    p.add_argument("--force", action="store_true", help="with --resume: accept a changed recipe")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_train)
 

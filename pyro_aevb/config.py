@@ -54,6 +54,9 @@ class Recipe:
     batch_size: int = 100  # M
     optimizer: str = "adagrad"  # "adagrad" (the paper's) or "adam"
     lr: float = 0.01  # step size; of the paper's {0.01, 0.02, 0.1}, 0.01 trains MNIST best early on
+    grad_clip: float = 0.0  # clip the gradient's global norm to this; 0 disables
+    on_nan: str = "error"  # a non-finite loss or gradient: "error" stops the run, "skip" skips the step
+    max_nan_skips: int = 100  # with on_nan = "skip": stop after this many skipped steps
     weight_decay: float = 1.0  # lambda/2 ||params||^2 added to the full-data loss; 1.0 is a N(0, I) prior (MAP)
     max_samples: int = 1_000_000  # training budget, in training samples (steps x M)
 
@@ -92,11 +95,12 @@ _POSITIVE = {
     "lr",
     "init_scale",
 }
-_NON_NEGATIVE = {"beta", "kl_warmup", "weight_decay", "seed"}
+_NON_NEGATIVE = {"beta", "kl_warmup", "weight_decay", "seed", "grad_clip", "max_nan_skips"}
 _CHOICES = {
     "likelihood": ("bernoulli", "gaussian"),
     "init": ("normal", "pytorch"),
     "optimizer": ("adagrad", "adam"),
+    "on_nan": ("error", "skip"),
     "device": ("cpu", "cuda"),
 }
 
@@ -270,12 +274,19 @@ def load_recipe(
     if isinstance(overrides, dict):
         values.update(overrides)
     else:
-        for text in overrides or []:
-            key, value = parse_override(text)
-            if isinstance(value, dict):
-                value = {**values.get(key, {}), **value}
-            values[key] = value
+        values = apply_overrides(values, overrides or [])
     return make_recipe(values)
+
+
+def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """``values`` with each ``--set key=value`` applied in order (table keys merge into their table)."""
+    values = dict(values)
+    for text in overrides:
+        key, value = parse_override(text)
+        if isinstance(value, dict):
+            value = {**values.get(key, {}), **value}
+        values[key] = value
+    return values
 
 
 def recipe_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:

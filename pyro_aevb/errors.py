@@ -25,3 +25,15 @@ class DataError(AEVBError):
 
 class CheckpointError(AEVBError):
     """A checkpoint that cannot be loaded safely, or belongs to another recipe."""
+
+
+class TrainingError(AEVBError):
+    """Training cannot go on, e.g. a non-finite loss or gradient."""
+
+
+class Interrupted(AEVBError):
+    """SIGINT or SIGTERM stopped a run cleanly, after a final checkpoint."""
+
+    def __init__(self, message: str, signal_name: str = "SIGINT"):
+        super().__init__(message)
+        self.exit_code = 130 if signal_name == "SIGINT" else 143

@@ -22,6 +22,8 @@ import json
 import math
 import os
 import platform
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -31,12 +33,14 @@ import torch
 from tqdm.auto import tqdm
 
 import pyro
+from pyro import poutine
+from pyro.poutine.util import site_is_subsample
 
 from . import __version__
-from .checkpoint import atomic_write, rng_state, save_checkpoint
-from .config import Recipe
+from .checkpoint import atomic_write, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .config import Recipe, recipe_diff
 from .data import Dataset, load_dataset
-from .errors import ConfigError, DataError
+from .errors import CheckpointError, ConfigError, DataError, Interrupted, TrainingError
 from .estimators import backward, estimator_parameters, kl_status, make_estimator
 from .evaluation import average_bound
 from .plots import manifold_images, plot_bound, save_grid
@@ -132,9 +136,17 @@ def _write_json(path: Path, obj) -> None:
 
 
 def prepare_run_dir(out_dir: Path, overwrite: bool) -> Path:
+    """Create the run directory. An existing one is never deleted: ``overwrite`` moves it aside."""
     out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise ConfigError(f"run directory {out_dir} already exists; choose another --out, or pass --overwrite")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"--out {out_dir} is a file, not a directory; choose another --out")
+    if out_dir.exists() and any(out_dir.iterdir()):
+        if not overwrite:
+            raise ConfigError(f"run directory {out_dir} already exists; choose another --out, "
+                              "continue it with --resume, or pass --overwrite (the old one is kept as DIR.old-*)")
+        backup = out_dir.with_name(f"{out_dir.name}.old-{datetime.now():%Y%m%d-%H%M%S-%f}")
+        out_dir.rename(backup)
+        tqdm.write(f"notice: moved the existing {out_dir} to {backup}")
     (out_dir / "figures").mkdir(parents=True, exist_ok=True)
     return out_dir
 
@@ -147,6 +159,64 @@ class TrainResult:
     run_info: dict = field(default_factory=dict)
 
 
+class _StopSignals:
+    """SIGINT/SIGTERM set a flag; the loop finishes its step, checkpoints and stops cleanly."""
+
+    def __init__(self):
+        self.received = None
+        self._previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.received is not None:  # a second Ctrl-C: stop at once
+            raise KeyboardInterrupt
+        self.received = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _kill_hook(step: int) -> None:
+    """Test hooks: ``PYRO_AEVB_TEST_KILL_AT_STEP=n`` SIGKILLs this process after step n's update;
+    ``PYRO_AEVB_TEST_SIGNAL_AT_STEP=n:SIGTERM`` sends it that signal there."""
+    if os.environ.get("PYRO_AEVB_TEST_KILL_AT_STEP") == str(step):
+        os.kill(os.getpid(), signal.SIGKILL)
+    at, _, name = os.environ.get("PYRO_AEVB_TEST_SIGNAL_AT_STEP", "").partition(":")
+    if at == str(step):
+        os.kill(os.getpid(), getattr(signal, name or "SIGINT"))
+
+
+def diagnose_nonfinite(vae: VAE, x: torch.Tensor, params: dict[str, torch.Tensor]) -> str | None:
+    """Name what went non-finite: a parameter, a gradient, or a site's log-probability on this batch.
+
+    Returns None if nothing is non-finite.
+    """
+    for name, p in params.items():
+        if not torch.isfinite(p).all():
+            return f"parameter '{name}' is non-finite"
+    culprit = None
+    for name, p in params.items():
+        if p.grad is not None and not torch.isfinite(p.grad).all():
+            culprit = f"the gradient of parameter '{name}' is non-finite"
+            break
+    with torch.no_grad(), pyro.validation_enabled(False):
+        guide_trace = poutine.trace(vae.guide).get_trace(x)
+        model_trace = poutine.trace(poutine.replay(vae.model, trace=guide_trace)).get_trace(x)
+        for trace, which in ((guide_trace, "guide"), (model_trace, "model")):
+            for name, site in trace.nodes.items():
+                if site["type"] == "sample" and not site_is_subsample(site):
+                    if not torch.isfinite(site["fn"].log_prob(site["value"])).all():
+                        site_msg = f"the {which} site '{name}' has a non-finite log-probability"
+                        return f"{culprit}; {site_msg}" if culprit else site_msg
+    return culprit
+
+
 def train(
     recipe: Recipe,
     out_dir: str | Path,
@@ -154,10 +224,19 @@ def train(
     progress: bool = True,
     dataset: Dataset | None = None,
     initial_state: dict | None = None,
+    resume: bool = False,
+    force: bool = False,
 ) -> TrainResult:
-    """Train the VAE of ``recipe`` and write the run directory ``out_dir``. Returns the trained model."""
+    """Train the VAE of ``recipe`` and write the run directory ``out_dir``. Returns the trained model.
+
+    ``resume=True`` continues the run in ``out_dir`` from its checkpoint, exactly: parameters,
+    optimizer, data order and every RNG are restored, and evaluation rows written after the
+    checkpoint are dropped and recomputed. A changed recipe is refused unless ``force``.
+    """
     started = time.time()
     device = resolve_device(recipe.device)
+    run_dir = Path(out_dir)
+    payload = _resume_checkpoint(run_dir, recipe, force) if resume else None
     pyro.set_rng_seed(recipe.seed)  # torch, numpy and random
     data = prepare_data(recipe, device, dataset)
     vae = build_vae(recipe, data.dataset.dim).to(device)
@@ -168,96 +247,155 @@ def train(
     estimator = make_estimator(recipe.estimator, recipe.num_particles, **recipe.estimator_options)
     if isinstance(estimator, torch.nn.Module):
         estimator.to(device)
-    optimizer = make_optimizer(recipe, list(vae.parameters()) + estimator_parameters(estimator))
+    params = dict(vae.named_parameters())
+    params.update({f"estimator.{i}": p for i, p in enumerate(estimator_parameters(estimator))})
+    optimizer = make_optimizer(recipe, list(params.values()))
     N, M = data.num_data, recipe.batch_size
     if M > N:
         raise ConfigError(f"batch_size {M} is larger than the training set ({N}); lower batch_size")
     kl = kl_status(vae.model, vae.guide, data.train_eval[:M])
-    # Only now, with every input checked, is anything written.
-    run_dir = prepare_run_dir(Path(out_dir), overwrite)
-    (run_dir / "recipe.toml").write_text(recipe.to_toml())
-    run_info = {
-        "status": "running",
-        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "estimator": recipe.estimator,
-        "kl": kl,
-        "device": str(device),
-        "seed": recipe.seed,
-        "versions": versions(),
-        "machine": machine(device),
-        "data": {
-            "name": data.dataset.name,
-            "source": data.dataset.source,
-            "n_train": N,
-            "n_test": data.test.shape[0],
-            "n_train_eval": data.train_eval.shape[0],
-            "dynamic_binarization": data.binarize,
-            "load_seconds": round(data.dataset.load_seconds, 3),
-        },
-    }
+
+    steps_per_epoch = N // M  # an epoch is a permutation of the data, in full minibatches
+    total_steps = math.ceil(recipe.max_samples / M)
+    start_step, train_seconds, perm, nan_skips = 0, 0.0, None, 0
+    if payload is not None:
+        vae.load_state_dict(payload["model"])
+        optimizer.load_state_dict(payload["optimizer"])
+        if isinstance(estimator, torch.nn.Module) and "estimator" in payload:
+            estimator.load_state_dict(payload["estimator"])
+        start_step, train_seconds = payload["step"], payload["train_seconds"]
+        perm, nan_skips = payload["perm"].to(device), payload["nan_skips"]
+        set_rng_state(payload["rng"])
+        run_info = json.loads((run_dir / "run.json").read_text())
+        run_info.setdefault("resumed_at_steps", []).append(start_step)
+        metrics = _truncate_metrics(run_dir / "metrics.jsonl", start_step)
+    else:
+        # Only now, with every input checked, is anything written.
+        run_dir = prepare_run_dir(run_dir, overwrite)
+        (run_dir / "recipe.toml").write_text(recipe.to_toml())
+        run_info = {
+            "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "estimator": recipe.estimator,
+            "kl": kl,
+            "device": str(device),
+            "seed": recipe.seed,
+            "versions": versions(),
+            "machine": machine(device),
+            "data": {
+                "name": data.dataset.name,
+                "source": data.dataset.source,
+                "n_train": N,
+                "n_test": data.test.shape[0],
+                "n_train_eval": data.train_eval.shape[0],
+                "dynamic_binarization": data.binarize,
+                "load_seconds": round(data.dataset.load_seconds, 3),
+            },
+        }
+        metrics = []
+        (run_dir / "metrics.jsonl").write_text("")
+    run_info["status"] = "running"
     _write_json(run_dir / "run.json", run_info)
     if recipe.estimator == "sgvb-b" and kl != "analytic":
         tqdm.write(f"notice: KL: Monte Carlo. No analytic KL is registered for prior '{recipe.prior}' against "
                    "the Gaussian guide, so sgvb-b (TraceMeanField_ELBO) uses a Monte Carlo KL term")
-
-    steps_per_epoch = N // M  # an epoch is a permutation of the data, in full minibatches
-    total_steps = math.ceil(recipe.max_samples / M)
-    metrics: list[dict] = []
-    metrics_file = open(run_dir / "metrics.jsonl", "w")
-    bar = tqdm(total=total_steps * M, unit="sample", unit_scale=True, disable=not progress, desc="AEVB")
-    running_loss, running_steps = torch.zeros((), device=device), 0
-    train_seconds, t0 = 0.0, time.time()
-    perm = None
 
     def checkpoint(step: int) -> None:
         save_checkpoint(
             run_dir / "checkpoint.pt",
             model=vae.state_dict(),
             optimizer=optimizer.state_dict(),
+            **({"estimator": estimator.state_dict()} if isinstance(estimator, torch.nn.Module) else {}),
             step=step,
             samples=step * M,
+            train_seconds=train_seconds + (time.time() - t0 if step > start_step else 0.0),
+            perm=perm.cpu() if perm is not None else torch.arange(N),
+            nan_skips=nan_skips,
             recipe=recipe.to_dict(),
             image_shape=list(data.dataset.image_shape),
             rng=rng_state(),
         )
 
-    for step in range(total_steps):
-        # 1. a minibatch: indices into device-resident data
-        pos = step % steps_per_epoch
-        if pos == 0:
-            perm = torch.randperm(N, device=device)
-        x = data.train[perm[pos * M : (pos + 1) * M]]  # (M, D)
-        if data.binarize:
-            x = torch.bernoulli(x)
-        samples_before, samples = step * M, (step + 1) * M
-        # 2.-3. gradient of the scaled minibatch bound, then the update
-        optimizer.zero_grad(set_to_none=True)
-        loss = backward(estimator, vae.model, vae.guide, x, num_data=N, beta=kl_warmup_beta(recipe, samples_before))
-        optimizer.step()
-        running_loss += loss
-        running_steps += 1
-        bar.update(M)
+    t0, step = time.time(), start_step
+    if payload is None:
+        checkpoint(0)  # so that a run killed before its first periodic checkpoint still resumes exactly
+    metrics_file = open(run_dir / "metrics.jsonl", "a")
+    bar = tqdm(total=total_steps * M, initial=start_step * M, unit="sample", unit_scale=True,
+               disable=not progress, desc="AEVB")
+    running_loss, running_steps = torch.zeros((), device=device), 0
+    with _StopSignals() as stop:
+        while step < total_steps and stop.received is None:
+            # 1. a minibatch: indices into device-resident data
+            pos = step % steps_per_epoch
+            if pos == 0:
+                perm = torch.randperm(N, device=device)
+            x = data.train[perm[pos * M : (pos + 1) * M]]  # (M, D)
+            if data.binarize:
+                x = torch.bernoulli(x)
+            samples_before, samples = step * M, (step + 1) * M
+            # 2. gradient of the scaled minibatch bound
+            optimizer.zero_grad(set_to_none=True)
+            try:
+                loss = backward(estimator, vae.model, vae.guide, x, num_data=N,
+                                beta=kl_warmup_beta(recipe, samples_before))
+            except ValueError:  # Pyro's validation refusing a NaN distribution parameter
+                if diagnose_nonfinite(vae, x, params) is None:
+                    raise  # not a non-finite value: a genuine bug, show it
+                loss = torch.tensor(float("nan"), device=device)
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                list(params.values()), recipe.grad_clip if recipe.grad_clip > 0 else float("inf"))
+            if not (torch.isfinite(loss) & torch.isfinite(grad_norm)):  # one host sync per step
+                where = diagnose_nonfinite(vae, x, params) or "the loss is non-finite"
+                if recipe.on_nan == "skip" and nan_skips < recipe.max_nan_skips:
+                    nan_skips += 1  # skip the update; the data and RNG move on as usual
+                else:
+                    bar.close()
+                    metrics_file.close()
+                    run_info.update(status="failed", nan_skips=nan_skips)
+                    _write_json(run_dir / "run.json", run_info)
+                    limit = f" after {nan_skips} skipped steps (max_nan_skips)" if recipe.on_nan == "skip" else ""
+                    raise TrainingError(
+                        f"non-finite loss at step {step + 1} (sample {samples:,}){limit}: {where}. "
+                        f"The last good checkpoint in {run_dir} is untouched; lower lr, set grad_clip, "
+                        "or set on_nan = \"skip\"")
+            else:
+                # 3. the update
+                optimizer.step()
+            running_loss += loss.detach() if torch.isfinite(loss) else 0.0
+            running_steps += 1
+            step += 1
+            bar.update(M)
+            _kill_hook(step)
 
-        if running_steps == 50 or step == total_steps - 1:  # one host sync per 50 steps, not per step
-            bar.set_postfix(bound=f"{-running_loss.item() / running_steps / N:.2f}", refresh=False)
-            running_loss.zero_()
-            running_steps = 0
-        last = step == total_steps - 1
-        if samples // recipe.eval_every > samples_before // recipe.eval_every or last:
-            train_seconds += time.time() - t0
-            t_eval = time.time()
-            row = {"step": step + 1, "samples": samples, "epoch": samples / N,
-                   "beta": kl_warmup_beta(recipe, samples), **evaluate(vae, data, recipe, kl),
-                   "seconds": round(train_seconds, 3), "eval_seconds": round(time.time() - t_eval, 3)}
-            metrics.append(row)
-            metrics_file.write(json.dumps(row) + "\n")
-            metrics_file.flush()
-            bar.set_postfix(bound=f"{row['train_elbo']:.2f}", test=f"{row['test_elbo']:.2f}", refresh=True)
-            t0 = time.time()
-        if samples // recipe.checkpoint_every > samples_before // recipe.checkpoint_every or last:
-            checkpoint(step + 1)
+            if running_steps == 50 or step == total_steps:  # read the loss back every 50 steps
+                bar.set_postfix(bound=f"{-running_loss.item() / running_steps / N:.2f}", refresh=False)
+                running_loss.zero_()
+                running_steps = 0
+            if samples // recipe.eval_every > samples_before // recipe.eval_every or step == total_steps:
+                train_seconds += time.time() - t0
+                t_eval = time.time()
+                row = {"step": step, "samples": samples, "epoch": samples / N,
+                       "beta": kl_warmup_beta(recipe, samples), **evaluate(vae, data, recipe, kl),
+                       "nan_skips": nan_skips,
+                       "seconds": round(train_seconds, 3), "eval_seconds": round(time.time() - t_eval, 3)}
+                metrics.append(row)
+                metrics_file.write(json.dumps(row) + "\n")
+                metrics_file.flush()
+                bar.set_postfix(bound=f"{row['train_elbo']:.2f}", test=f"{row['test_elbo']:.2f}", refresh=True)
+                t0 = time.time()
+            if samples // recipe.checkpoint_every > samples_before // recipe.checkpoint_every or step == total_steps:
+                checkpoint(step)
+        if stop.received is not None and step < total_steps:
+            checkpoint(step)
     bar.close()
     metrics_file.close()
+    train_seconds += time.time() - t0
+
+    if stop.received is not None and step < total_steps:
+        run_info.update(status="interrupted", steps=step, samples=step * M, nan_skips=nan_skips)
+        _write_json(run_dir / "run.json", run_info)
+        raise Interrupted(
+            f"stopped by {stop.received} at step {step} ({step * M:,} samples); checkpoint written. "
+            f"Continue with: pyro-aevb train --resume {run_dir}", signal_name=stop.received)
 
     write_figures(vae, data, metrics, run_dir, recipe)
     final = metrics[-1]
@@ -268,10 +406,35 @@ def train(
         train_seconds=round(train_seconds, 3),
         steps=total_steps,
         samples=total_steps * M,
+        nan_skips=nan_skips,
         final={k: final[k] for k in ("train_elbo", "train_elbo_se", "test_elbo", "test_elbo_se")},
     )
     _write_json(run_dir / "run.json", run_info)
     return TrainResult(vae, run_dir, metrics, run_info)
+
+
+def _resume_checkpoint(run_dir: Path, recipe: Recipe, force: bool) -> dict:
+    """The checkpoint to resume from, after checking the recipe is the one it was trained with."""
+    if not (run_dir / "checkpoint.pt").is_file():
+        raise ConfigError(f"cannot resume {run_dir}: it has no checkpoint.pt; start a new run with --out")
+    payload = load_checkpoint(run_dir / "checkpoint.pt")
+    for key in ("perm", "train_seconds", "nan_skips", "rng", "optimizer"):
+        if key not in payload:
+            raise CheckpointError(f"{run_dir / 'checkpoint.pt'} lacks '{key}'; it cannot be resumed exactly")
+    saved = {k: v for k, v in payload["recipe"].items() if k != "data_dir"}  # the data may move
+    changed = recipe_diff(saved, {k: v for k, v in recipe.to_dict().items() if k != "data_dir"})
+    if changed and not force:
+        raise ConfigError(f"refusing to resume {run_dir} with a changed recipe ({'; '.join(changed)}); "
+                          "drop the changes, or pass --force")
+    return payload
+
+
+def _truncate_metrics(path: Path, step: int) -> list[dict]:
+    """Keep the evaluation rows up to the checkpoint's step; later rows are recomputed after resume."""
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    rows = [r for r in rows if r["step"] <= step]
+    atomic_write(path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in rows).encode()))
+    return rows
 
 
 @torch.no_grad()

@@ -33,6 +33,7 @@ import pyro.distributions as dist
 from pyro import poutine
 from pyro.nn import PyroModule
 
+from .errors import DataError
 from .priors import make_prior
 
 
@@ -117,6 +118,8 @@ class VAE(PyroModule):
         return pyro.plate("data", size=num_data or n, subsample=self._aranges[key], dim=-1)
 
     def model(self, x: torch.Tensor, num_data: int | None = None, beta: float = 1.0):
+        if isinstance(self.decoder, BernoulliDecoder) and pyro.poutine.util.is_validation_enabled():
+            _check_binary(x)
         with self._plate(x, num_data):
             with poutine.scale(scale=beta):
                 z = pyro.sample("z", self.prior())  # (..., M, Nz)
@@ -140,6 +143,14 @@ class VAE(PyroModule):
         """Decoder means at the encoder's mean of q(z|x), shape (M, D)."""
         loc, _ = self.encoder(x)
         return self.decoder.mean(loc)
+
+
+def _check_binary(x: torch.Tensor) -> None:
+    if not torch._C._get_tracing_state() and not ((x == 0) | (x == 1)).all():
+        raise DataError(
+            "the Bernoulli decoder needs binary x, but x has values other than 0 and 1; binarize grey-scale "
+            "images (torch.bernoulli(x), as training does dynamically) or use likelihood = \"gaussian\""
+        )
 
 
 def init_normal_(module: nn.Module, std: float) -> None:
