@@ -160,6 +160,7 @@ def download(url: str, dest: Path, timeout: float = 20.0) -> Path:
     complete, so an interrupted download never leaves a half file that looks finished.
     """
     dest, tmp = Path(dest), None
+    created = [p for p in (dest.parent, *dest.parent.parents) if not p.exists()]
     try:  # a read-only data directory fails here too, with the same kind of message
         dest.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
@@ -169,6 +170,9 @@ def download(url: str, dest: Path, timeout: float = 20.0) -> Path:
     except (OSError, ValueError) as err:  # URLError, HTTPError, timeouts are OSErrors
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
+        for folder in created:  # leave the data directory as it was
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
         raise DataError(f"downloading {url} failed: {err}") from err
     return dest
 
