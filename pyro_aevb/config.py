@@ -47,8 +47,8 @@ class Recipe:
     estimator: str = "sgvb-b"  # a name in pyro_aevb.estimators.ESTIMATORS
     estimator_options: dict = field(default_factory=dict)  # the estimator's own keys, as a [estimator_options] table
     num_particles: int = 1  # L, samples of z per datapoint
-    beta: float = 1.0  # weight of the KL (latent site's log-densities), 1 is the true ELBO
-    kl_warmup: int = 0  # training samples over which beta rises linearly from 0; 0 disables warm-up
+    beta: float = 1.0  # weight of the KL (latent site's log-densities), > 0; 1 is the true ELBO
+    kl_warmup: int = 0  # training samples over which beta rises linearly to `beta`; 0 disables warm-up
 
     # --- optimisation (Algorithm 1) ---
     batch_size: int = 100  # M
@@ -66,6 +66,7 @@ class Recipe:
     checkpoint_every: int = 200_000  # write checkpoint.pt every this many training samples
     seed: int = 0  # seeds torch, numpy, random and pyro
     device: str = "cpu"  # "cpu" or "cuda"
+    fast_path: str = "auto"  # "auto": trace the ELBO once (JIT) where it applies, else eager Pyro; "off": eager
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -83,6 +84,7 @@ class Recipe:
 
 
 _POSITIVE = {
+    "beta",
     "eval_train_size",
     "latent_dim",
     "hidden_dim",
@@ -95,12 +97,13 @@ _POSITIVE = {
     "lr",
     "init_scale",
 }
-_NON_NEGATIVE = {"beta", "kl_warmup", "weight_decay", "seed", "grad_clip", "max_nan_skips"}
+_NON_NEGATIVE = {"kl_warmup", "weight_decay", "seed", "grad_clip", "max_nan_skips"}
 _CHOICES = {
     "likelihood": ("bernoulli", "gaussian"),
     "init": ("normal", "pytorch"),
     "optimizer": ("adagrad", "adam"),
     "on_nan": ("error", "skip"),
+    "fast_path": ("auto", "off"),
     "device": ("cpu", "cuda"),
 }
 

@@ -43,6 +43,7 @@ from .data import Dataset, load_dataset
 from .errors import CheckpointError, ConfigError, DataError, Interrupted, TrainingError
 from .estimators import backward, estimator_parameters, kl_status, make_estimator
 from .evaluation import average_bound
+from .fast import compile_loss
 from .plots import manifold_images, plot_bound, save_grid
 from .vae import VAE, build_vae
 
@@ -86,7 +87,8 @@ def prepare_data(recipe: Recipe, device: torch.device, dataset: Dataset | None =
 
 
 def kl_warmup_beta(recipe: Recipe, samples: int) -> float:
-    """beta, rising linearly from 0 to ``recipe.beta`` over ``kl_warmup`` training samples."""
+    """beta for the step that ends at ``samples`` training samples: rising linearly to ``recipe.beta``
+    over ``kl_warmup`` samples (never 0: Pyro's ``poutine.scale`` needs a positive scale)."""
     if recipe.kl_warmup <= 0:
         return recipe.beta
     return recipe.beta * min(1.0, samples / recipe.kl_warmup)
@@ -253,7 +255,14 @@ def train(
     N, M = data.num_data, recipe.batch_size
     if M > N:
         raise ConfigError(f"batch_size {M} is larger than the training set ({N}); lower batch_size")
+    bad = [name for name, p in params.items() if not torch.isfinite(p).all()]
+    if bad:
+        raise TrainingError(f"parameter '{bad[0]}' is non-finite before training; check the initial state")
     kl = kl_status(vae.model, vae.guide, data.train_eval[:M])
+    compiled, fast_path = None, "off (fast_path = \"off\")"
+    if recipe.fast_path == "auto":
+        compiled, reason = compile_loss(recipe.estimator, vae, estimator, data.train_eval[:M].clone(), N)
+        fast_path = "jit" if compiled is not None else f"eager Pyro: {reason}"
 
     steps_per_epoch = N // M  # an epoch is a permutation of the data, in full minibatches
     total_steps = math.ceil(recipe.max_samples / M)
@@ -277,6 +286,7 @@ def train(
             "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "estimator": recipe.estimator,
             "kl": kl,
+            "fast_path": fast_path,
             "device": str(device),
             "seed": recipe.seed,
             "versions": versions(),
@@ -334,9 +344,14 @@ def train(
             samples_before, samples = step * M, (step + 1) * M
             # 2. gradient of the scaled minibatch bound
             optimizer.zero_grad(set_to_none=True)
+            beta = kl_warmup_beta(recipe, samples)
             try:
-                loss = backward(estimator, vae.model, vae.guide, x, num_data=N,
-                                beta=kl_warmup_beta(recipe, samples_before))
+                if compiled is not None:
+                    loss = compiled(x, beta)
+                    loss.backward()
+                    loss = loss.detach()
+                else:
+                    loss = backward(estimator, vae.model, vae.guide, x, num_data=N, beta=beta)
             except ValueError:  # Pyro's validation refusing a NaN distribution parameter
                 if diagnose_nonfinite(vae, x, params) is None:
                     raise  # not a non-finite value: a genuine bug, show it

@@ -146,7 +146,8 @@ class PoisonedPrior(torch.nn.Module):
 
 
 def _poisoned_recipe(**extra):
-    return load_recipe(None, {"prior": "poisoned", "max_samples": 1000, "eval_every": 1000,
+    # eager Pyro: the poisoned prior counts its Python calls, which a traced graph does not make
+    return load_recipe(None, {"prior": "poisoned", "fast_path": "off", "max_samples": 1000, "eval_every": 1000,
                               "checkpoint_every": 200, "hidden_dim": 16, "latent_dim": 2, **extra})
 
 

@@ -87,7 +87,7 @@ def test_kl_metadata_reports_monte_carlo_fallback(tmp_path, monkeypatch, capsys)
 
 def test_kl_warmup_schedule():
     recipe = Recipe(beta=0.5, kl_warmup=1000)
-    assert [kl_warmup_beta(recipe, s) for s in (0, 250, 1000, 5000)] == [0.0, 0.125, 0.5, 0.5]
+    assert [kl_warmup_beta(recipe, s) for s in (100, 250, 1000, 5000)] == [0.05, 0.125, 0.5, 0.5]
     assert kl_warmup_beta(Recipe(beta=2.0), 0) == 2.0
 
 
