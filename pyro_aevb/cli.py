@@ -133,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int)
     p.add_argument("--device", choices=["cpu", "cuda"])
     p.set_defaults(func=_sample)
+    from . import bench
+
+    bench.register(sub)
     return parser
 
 

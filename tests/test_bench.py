@@ -1,0 +1,57 @@
+"""The benchmark's reference step computes our loss; the bench command runs."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from pyro_aevb.bench import reference_loss
+from pyro_aevb.config import Recipe
+from pyro_aevb.estimators import make_estimator
+from pyro_aevb.vae import build_vae
+
+
+@pytest.mark.parametrize("init", ["pytorch", "normal"])
+def test_reference_step_equals_pyro_loss_and_gradients(init):
+    torch.manual_seed(0)
+    vae = build_vae(Recipe(latent_dim=20, hidden_dim=500, init=init), 784)
+    x = torch.rand(100, 784).bernoulli()
+    estimator = make_estimator("sgvb-b")
+    for seed in (1, 2, 3):
+        torch.manual_seed(seed)
+        pyro_loss = estimator.differentiable_loss(vae.model, vae.guide, x, num_data=50_000)
+        vae.zero_grad()
+        pyro_loss.backward()
+        g_pyro = {k: p.grad.clone() for k, p in vae.named_parameters()}
+        torch.manual_seed(seed)
+        ref = reference_loss(vae, x, num_data=50_000)
+        vae.zero_grad()
+        ref.backward()
+        assert torch.allclose(ref, pyro_loss, rtol=1e-5, atol=0), (ref.item(), pyro_loss.item())
+        for k, p in vae.named_parameters():
+            assert torch.allclose(p.grad, g_pyro[k], rtol=1e-4, atol=1e-2), k
+
+
+def test_bench_quick_runs_and_reports():
+    proc = subprocess.run([sys.executable, "-m", "pyro_aevb.cli", "bench", "--quick", "--json"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(proc.stdout.strip().splitlines()[-1])
+    paths = {r["path"] for r in rows}
+    assert {"reference", "sgvb-a eager", "sgvb-b eager", "sgvb-b jit (default)"} <= paths
+    for r in rows:
+        assert {"path", "device", "batch_size", "median_step_seconds", "steps_per_second",
+                "ratio_to_reference"} <= set(r)
+        assert r["median_step_seconds"] > 0 and r["device"] == "cpu"
+    assert [r["ratio_to_reference"] for r in rows if r["path"] == "reference"] == [1.0]
+
+
+def test_bench_cuda_without_cuda_is_one_line():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    proc = subprocess.run([sys.executable, "-m", "pyro_aevb.cli", "bench", "--device", "cuda"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().count("\n") == 0 and "CUDA is not available" in proc.stderr
