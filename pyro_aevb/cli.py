@@ -57,6 +57,8 @@ def _train(args) -> None:
 
 
 def _evaluate(args) -> None:
+    import pyro
+
     from .data import load_dataset
     from .evaluation import average_bound
     from .estimators import kl_status
@@ -75,11 +77,29 @@ def _evaluate(args) -> None:
     bound = average_bound(vae.model, vae.guide, x, particles, analytic_kl=kl == "analytic")
     result = {"split": args.split, "n": bound.n, "elbo": bound.mean, "elbo_se": bound.se,
               "num_particles": particles, "kl": kl, "run_dir": str(args.run_dir)}
+    if args.num_samples:
+        from .diagnostics import likelihood_summary
+
+        if args.num_samples <= 0 or args.chunk_size <= 0 or args.khat_points < 0:
+            raise ConfigError("--num-samples and --chunk-size must be positive, --khat-points >= 0")
+        if args.seed is not None:
+            pyro.set_rng_seed(args.seed)
+        summary = likelihood_summary(vae.model, vae.guide, x, args.num_samples, args.chunk_size,
+                                     args.khat_points, progress=not args.no_progress)
+        result.update(log_likelihood=summary["log_likelihood"], log_likelihood_se=summary["log_likelihood_se"],
+                      num_samples=summary["num_samples"], ess_mean=summary["ess_mean"],
+                      ess_min=summary["ess_min"], khat=summary["khat"])
     if args.json:
         print(json.dumps(result))
-    else:
-        print(f"{args.split}: average lower bound {bound.mean:.2f} ± {bound.se:.2f} nats per datapoint "
-              f"(n={bound.n}, L={particles}, KL: {kl})")
+        return
+    print(f"{args.split}: average lower bound {bound.mean:.2f} ± {bound.se:.2f} nats per datapoint "
+          f"(n={bound.n}, L={particles}, KL: {kl})")
+    if args.num_samples:
+        k = result["khat"]
+        print(f"{args.split}: log-likelihood {result['log_likelihood']:.2f} ± {result['log_likelihood_se']:.2f} "
+              f"nats per datapoint (importance sampling, K={args.num_samples}); mean ESS "
+              f"{result['ess_mean']:.1f} of {args.num_samples}; PSIS k-hat on {k['n']} points: "
+              + ", ".join(f"{name} {count}" for name, count in k["counts"].items()))
 
 
 def _sample(args) -> None:
@@ -124,6 +144,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir")
     p.add_argument("--device", choices=["cpu", "cuda"])
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--num-samples", type=int, help="also estimate log p(x) by importance sampling with K samples")
+    p.add_argument("--chunk-size", type=int, default=20_000, help="particles x datapoints per pass (memory)")
+    p.add_argument("--khat-points", type=int, default=100, help="datapoints whose PSIS k-hat is computed")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_evaluate)
 
     p = sub.add_parser("sample", help="a grid of samples from a trained run")

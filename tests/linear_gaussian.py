@@ -179,3 +179,23 @@ class DiagonalGuide:
         with _plate(x, num_data):
             with poutine.scale(scale=beta):
                 return pyro.sample("z", dist.Normal(loc, scale).to_event(1))
+
+
+# ------------------------------------------------------------- helpers for the likelihood tests
+def offset_guide_chi2(lg: LinearGaussian, x: torch.Tensor, loc_offset: float, scale_multiplier: float) -> torch.Tensor:
+    r"""The chi-square divergence :math:`\chi^2(p(z|x_i) \| q) = \mathbb{E}_q[(p(z|x_i)/q(z))^2] - 1` of
+    ``lg.offset_guide(loc_offset, scale_multiplier)`` from the exact (diagonal) posterior: shape (M,).
+
+    Per latent dimension, with the offset m = loc_offset / sd_post in posterior sds and s = scale_multiplier,
+    :math:`\int p^2/q = s^2 (2s^2 - 1)^{-1/2} \exp(m^2 / (2s^2 - 1))`, infinite when :math:`s^2 \le 1/2`.
+    For importance sampling from q, ESS / K tends to :math:`1 / (1 + \chi^2)` as K grows.
+    """
+    mu, cov = lg.posterior(x)
+    if not torch.allclose(cov, torch.diag(cov.diagonal()), atol=1e-12):
+        raise ValueError("offset_guide_chi2 needs W with orthogonal columns (a diagonal posterior)")
+    s2 = float(scale_multiplier) ** 2
+    if s2 <= 0.5:
+        return torch.full((x.shape[0],), float("inf"), dtype=DTYPE)
+    m2 = loc_offset**2 / cov.diagonal().detach()  # (k,)
+    per_dim = s2 / (2 * s2 - 1) ** 0.5 * torch.exp(m2 / (2 * s2 - 1))
+    return (per_dim.prod() - 1).expand(x.shape[0]).clone()

@@ -97,3 +97,13 @@ def test_usage_errors_are_one_line(args, words, tmp_path):
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert all(w in proc.stderr for w in words), proc.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_evaluate_log_likelihood_json(tiny_run):
+    proc = run_cli("evaluate", str(tiny_run), "--json", "--num-samples", "50", "--khat-points", "20",
+                   "--seed", "0", "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["num_samples"] == 50 and 0 < result["ess_mean"] <= 50
+    assert result["log_likelihood"] > result["elbo"] - 3 * result["elbo_se"]  # log p(x) >= ELBO (in expectation)
+    assert result["khat"]["n"] == 20 and sum(result["khat"]["counts"].values()) == 20
