@@ -255,6 +255,9 @@ def train(
     N, M = data.num_data, recipe.batch_size
     if M > N:
         raise ConfigError(f"batch_size {M} is larger than the training set ({N}); lower batch_size")
+    # An estimator with per-datapoint state (e.g. MCEM's persistent Markov chains) sets
+    # `needs_indices = True` and gets the minibatch's row indices into the training set.
+    extra = (lambda idx: {"indices": idx}) if getattr(estimator, "needs_indices", False) else (lambda idx: {})
     bad = [name for name, p in params.items() if not torch.isfinite(p).all()]
     if bad:
         raise TrainingError(f"parameter '{bad[0]}' is non-finite before training; check the initial state")
@@ -338,7 +341,8 @@ def train(
             pos = step % steps_per_epoch
             if pos == 0:
                 perm = torch.randperm(N, device=device)
-            x = data.train[perm[pos * M : (pos + 1) * M]]  # (M, D)
+            idx = perm[pos * M : (pos + 1) * M]  # (M,)
+            x = data.train[idx]  # (M, D)
             if data.binarize:
                 x = torch.bernoulli(x)
             samples_before, samples = step * M, (step + 1) * M
@@ -351,7 +355,7 @@ def train(
                     loss.backward()
                     loss = loss.detach()
                 else:
-                    loss = backward(estimator, vae.model, vae.guide, x, num_data=N, beta=beta)
+                    loss = backward(estimator, vae.model, vae.guide, x, num_data=N, beta=beta, **extra(idx))
             except ValueError:  # Pyro's validation refusing a NaN distribution parameter
                 if diagnose_nonfinite(vae, x, params) is None:
                     raise  # not a non-finite value: a genuine bug, show it
