@@ -38,7 +38,7 @@ class Recipe:
     latent_dim: int = 20  # Nz
     hidden_dim: int = 500  # hidden units of the encoder and the decoder MLPs
     likelihood: str = "bernoulli"  # "bernoulli" (binary data) or "gaussian" (real-valued, Frey Face)
-    prior: str = "standard-normal"  # p(z); a name in pyro_aevb.priors.PRIORS
+    prior: str = "standard-normal"  # p(z): a name in pyro_aevb.priors.PRIORS, "module:factory" or "file.py:factory"
     prior_options: dict = field(default_factory=dict)  # the prior's own keys, as a [prior_options] table
     init: str = "pytorch"  # "pytorch": nn.Linear's default (trains faster here); "normal": N(0, init_scale^2), the paper's
     init_scale: float = 0.01  # std of the paper's initialisation
@@ -184,16 +184,17 @@ def _check_registered(values: dict[str, Any]) -> None:
     """Names that select from a registry must be registered (read at call time: registries grow)."""
     from .data import DATASETS
     from .estimators import ESTIMATORS
-    from .priors import PRIORS
+    from .priors import resolve_prior_factory
 
-    for key, registry, what in (("dataset", DATASETS, "datasets"), ("estimator", ESTIMATORS, "estimators"),
-                                ("prior", PRIORS, "priors")):
+    for key, registry, what in (("dataset", DATASETS, "datasets"), ("estimator", ESTIMATORS, "estimators")):
         if values[key] not in registry:
             raise ConfigError(f"unknown {key} '{values[key]}'; valid {what}: {', '.join(sorted(registry))}")
-    for key in ("prior", "estimator"):
-        values[f"{key}_options"] = check_options(
-            PRIORS[values["prior"]] if key == "prior" else ESTIMATORS[values["estimator"]],
-            values[f"{key}_options"], f"{key}_options", f"{key} '{values[key]}'")
+    # a PRIORS name, "package.module:factory" or "path/to/file.py:factory" (ConfigError if it does not resolve)
+    prior_factory = resolve_prior_factory(values["prior"])
+    values["prior_options"] = check_options(prior_factory, values["prior_options"], "prior_options",
+                                            f"prior '{values['prior']}'")
+    values["estimator_options"] = check_options(ESTIMATORS[values["estimator"]], values["estimator_options"],
+                                                "estimator_options", f"estimator '{values['estimator']}'")
 
 
 def factory_options(factory) -> dict[str, Any]:

@@ -82,7 +82,8 @@ def compile_loss(name: str, vae, estimator, example_x: torch.Tensor, num_data: i
             traced = torch.jit.trace(module, (example_x, beta), check_trace=False)
             traced(example_x, beta)  # a second call must work too (it is the one that is optimised)
     except Exception as e:  # anything a static trace cannot express
-        return None, f"tracing failed ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
+        first = (str(e).splitlines() or [""])[0]
+        return None, f"tracing failed ({type(e).__name__}: {first[:120]})"
     finally:
         torch.set_rng_state(rng)
     return CompiledLoss(traced, example_x.device), None

@@ -34,7 +34,7 @@ from pyro import poutine
 from pyro.nn import PyroModule
 
 from .errors import DataError
-from .priors import make_prior
+from .priors import check_prior, make_prior
 
 
 def mlp(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
@@ -172,4 +172,5 @@ def build_vae(recipe, data_dim: int) -> VAE:
     vae = VAE(prior, encoder, decoder)
     if hasattr(prior, "bind"):  # a prior that needs the VAE, e.g. VampPrior uses the encoder
         prior.bind(vae)
+        check_prior(prior, recipe.latent_dim, recipe.prior)
     return vae
