@@ -89,6 +89,16 @@ def _evaluate(args) -> None:
         result.update(log_likelihood=summary["log_likelihood"], log_likelihood_se=summary["log_likelihood_se"],
                       num_samples=summary["num_samples"], ess_mean=summary["ess_mean"],
                       ess_min=summary["ess_min"], khat=summary["khat"])
+    if args.amortization_gap is not None:
+        from .amortization import amortization_gap_summary
+
+        if args.amortization_gap <= 0 or args.gap_steps < 0 or args.gap_lr <= 0:
+            raise ConfigError("--amortization-gap must be positive, --gap-steps >= 0 and --gap-lr > 0")
+        if args.seed is not None:
+            pyro.set_rng_seed(args.seed)
+        result["amortization_gap"] = amortization_gap_summary(
+            vae.model, vae.guide, x, num_points=args.amortization_gap, num_steps=args.gap_steps, lr=args.gap_lr,
+            num_samples=args.num_samples or 1000, chunk_size=args.chunk_size, progress=not args.no_progress)
     if args.json:
         print(json.dumps(result))
         return
@@ -100,6 +110,13 @@ def _evaluate(args) -> None:
               f"nats per datapoint (importance sampling, K={args.num_samples}); mean ESS "
               f"{result['ess_mean']:.1f} of {args.num_samples}; PSIS k-hat on {k['n']} points: "
               + ", ".join(f"{name} {count}" for name, count in k["counts"].items()))
+    if args.amortization_gap is not None:
+        g = result["amortization_gap"]
+        print(f"{args.split}: on {g['n']} datapoints, log p(x) {g['log_likelihood']:.2f} (K={g['num_samples']}), "
+              f"ELBO of the locally optimised q {g['elbo_optimized']:.2f}, of the encoder's q "
+              f"{g['elbo_amortized']:.2f}: approximation gap {g['approximation_gap']:.2f} ± "
+              f"{g['approximation_gap_se']:.2f}, amortization gap {g['amortization_gap']:.2f} ± "
+              f"{g['amortization_gap_se']:.2f} nats ({100 * g['amortization_fraction']:.0f}% of the gap)")
 
 
 def _sample(args) -> None:
@@ -149,6 +166,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--khat-points", type=int, default=100, help="datapoints whose PSIS k-hat is computed")
     p.add_argument("--seed", type=int)
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--amortization-gap", type=int, metavar="N",
+                   help="also the approximation and amortization gaps on N datapoints (a fixed random subset); "
+                        "log p(x) uses --num-samples (default 1000)")
+    p.add_argument("--gap-steps", type=int, default=500, help="Adam steps of each local q (default 500)")
+    p.add_argument("--gap-lr", type=float, default=0.02, help="initial Adam step size of each local q (default 0.02)")
     p.set_defaults(func=_evaluate)
 
     p = sub.add_parser("sample", help="a grid of samples from a trained run")

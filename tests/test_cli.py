@@ -107,3 +107,13 @@ def test_evaluate_log_likelihood_json(tiny_run):
     assert result["num_samples"] == 50 and 0 < result["ess_mean"] <= 50
     assert result["log_likelihood"] > result["elbo"] - 3 * result["elbo_se"]  # log p(x) >= ELBO (in expectation)
     assert result["khat"]["n"] == 20 and sum(result["khat"]["counts"].values()) == 20
+
+
+def test_evaluate_amortization_gap_json(tiny_run):
+    proc = run_cli("evaluate", str(tiny_run), "--json", "--amortization-gap", "5", "--gap-steps", "30",
+                   "--num-samples", "50", "--seed", "0", "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    gap = json.loads(proc.stdout)["amortization_gap"]
+    assert gap["n"] == 5
+    assert abs(gap["approximation_gap"] + gap["amortization_gap"]
+               - (gap["log_likelihood"] - gap["elbo_amortized"])) < 1e-6
