@@ -118,3 +118,23 @@ def kl_status(model, guide, *args, **kwargs) -> str:
     """``"analytic"`` if every latent site has an analytic KL (estimator B really runs), else ``"monte-carlo"``."""
     sites = analytic_kl_sites(model, guide, *args, **kwargs)
     return "analytic" if sites and all(sites.values()) else "monte-carlo"
+
+
+def _register_baselines() -> None:
+    """The estimators the AEVB paper compares against, and IWAE (imported here, late: they use this package)."""
+    from .iwae import IWAE
+    from .mcem import MonteCarloEM
+    from .rws import ReweightedWakeSleep
+    from .score_function import ScoreFunctionELBO
+    from .wake_sleep import WakeSleep
+
+    ESTIMATORS.update({
+        "wake-sleep": WakeSleep,
+        "reweighted-wake-sleep": ReweightedWakeSleep,
+        "score-function": ScoreFunctionELBO,
+        "iwae": IWAE,
+        "mcem": MonteCarloEM,
+    })
+
+
+_register_baselines()

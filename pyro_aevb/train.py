@@ -392,8 +392,12 @@ def train(
             if samples // recipe.eval_every > samples_before // recipe.eval_every or step == total_steps:
                 train_seconds += time.time() - t0
                 t_eval = time.time()
+                # Evaluation draws its noise on a fork of the random stream, so that how often a run
+                # evaluates does not change its training trajectory.
+                with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                    bounds = evaluate(vae, data, recipe, kl)
                 row = {"step": step, "samples": samples, "epoch": samples / N,
-                       "beta": kl_warmup_beta(recipe, samples), **evaluate(vae, data, recipe, kl),
+                       "beta": kl_warmup_beta(recipe, samples), **bounds,
                        "nan_skips": nan_skips,
                        "seconds": round(train_seconds, 3), "eval_seconds": round(time.time() - t_eval, 3)}
                 metrics.append(row)

@@ -118,3 +118,12 @@ def test_weight_decay_is_a_gaussian_prior_on_parameters():
             o1.zero_grad(); ((w1 - target) ** 2).sum().backward(); o1.step()  # noqa: E702
             o2.zero_grad(); (((w2 - target) ** 2).sum() + 0.7 / 2 * (w2 ** 2).sum()).backward(); o2.step()  # noqa: E702
         assert torch.allclose(w1, w2, atol=1e-6)
+
+
+def test_evaluation_does_not_change_the_training_trajectory(tmp_path):
+    base = {"max_samples": 1000, "hidden_dim": 32, "latent_dim": 2, "checkpoint_every": 1000}
+    a = train(load_recipe(None, base | {"eval_every": 1000}), tmp_path / "a", progress=False)
+    b = train(load_recipe(None, base | {"eval_every": 100}), tmp_path / "b", progress=False)
+    assert len(b.metrics) == 10 and len(a.metrics) == 1
+    for (k, va), vb in zip(_state(a).items(), _state(b).values()):
+        assert torch.equal(va, vb), k
