@@ -180,9 +180,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int)
     p.add_argument("--device", choices=["cpu", "cuda"])
     p.set_defaults(func=_sample)
-    from . import bench, compare, grad_variance
+    from . import bench, compare, figure3, grad_variance
 
     compare.register(sub)
+    figure3.register(sub)
     grad_variance.register(sub)
     bench.register(sub)
     return parser
