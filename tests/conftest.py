@@ -2,6 +2,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 import pyro
 
@@ -25,3 +26,16 @@ def shared_data() -> Path:
         "binarized_mnist/ and frey_faces/"
     )
     return SHARED_DATA
+
+
+@pytest.fixture
+def float64_single_thread():
+    """float64 for closed-form comparisons; one thread, since tiny float64 ops only lose to a second one."""
+    dtype, threads = torch.get_default_dtype(), torch.get_num_threads()
+    torch.set_default_dtype(torch.float64)
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(dtype)
+        torch.set_num_threads(threads)

@@ -18,16 +18,7 @@ from pyro_aevb.hmc import fit_gaussian, hmc_log_likelihood, hmc_posterior_sample
 L, WARMUP = 200, 100
 
 
-@pytest.fixture(autouse=True)
-def _float64_single_thread():
-    dtype, threads = torch.get_default_dtype(), torch.get_num_threads()
-    torch.set_default_dtype(torch.float64)
-    torch.set_num_threads(1)
-    yield
-    torch.set_default_dtype(dtype)
-    torch.set_num_threads(threads)
-
-
+pytestmark = pytest.mark.usefixtures("float64_single_thread")
 def test_log_joint_is_prior_plus_likelihood():
     lg = LinearGaussian(W=W_CORRELATED)
     x = lg.sample(1, torch.Generator().manual_seed(0))

@@ -26,18 +26,7 @@ from pyro_aevb.train import train
 M = 5
 
 
-@pytest.fixture(autouse=True)
-def _float64_single_thread():
-    dtype, threads = torch.get_default_dtype(), torch.get_num_threads()
-    torch.set_default_dtype(torch.float64)
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(dtype)
-        torch.set_num_threads(threads)
-
-
+pytestmark = pytest.mark.usefixtures("float64_single_thread")
 @pytest.fixture
 def lg():
     return LinearGaussian()

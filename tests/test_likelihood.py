@@ -29,16 +29,7 @@ from pyro_aevb.likelihood import LikelihoodResult, accumulate, chunk_shape, log_
 M = 5  # datapoints
 
 
-@pytest.fixture(autouse=True)
-def _float64_single_thread():
-    dtype, threads = torch.get_default_dtype(), torch.get_num_threads()
-    torch.set_default_dtype(torch.float64)
-    torch.set_num_threads(1)
-    yield
-    torch.set_default_dtype(dtype)
-    torch.set_num_threads(threads)
-
-
+pytestmark = pytest.mark.usefixtures("float64_single_thread")
 @pytest.fixture
 def lg():
     return LinearGaussian()

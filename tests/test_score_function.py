@@ -33,18 +33,7 @@ PARTICLES, BATCHES = 2000, 25
 PARAMS = ["loc", "log_scale", "W", "b"]
 
 
-@pytest.fixture(autouse=True)
-def _float64_single_thread():
-    dtype, threads = torch.get_default_dtype(), torch.get_num_threads()
-    torch.set_default_dtype(torch.float64)
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(dtype)
-        torch.set_num_threads(threads)
-
-
+pytestmark = pytest.mark.usefixtures("float64_single_thread")
 def _setup(beta: float):
     lg = LinearGaussian()
     x = lg.sample(M, torch.Generator().manual_seed(0))

@@ -41,18 +41,7 @@ from pyro_aevb.wake_sleep import dream, sleep_log_q
 M, NUM_DATA = 5, 10
 
 
-@pytest.fixture(autouse=True)
-def _float64_single_thread():
-    dtype, threads = torch.get_default_dtype(), torch.get_num_threads()
-    torch.set_default_dtype(torch.float64)
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(dtype)
-        torch.set_num_threads(threads)
-
-
+pytestmark = pytest.mark.usefixtures("float64_single_thread")
 class LinearGuide(nn.Module):
     """q(z|x) = N(A x + c, diag exp(log_s)^2), with the VAE's plate/beta structure."""
 
