@@ -468,7 +468,7 @@ def write_figures(vae: VAE, data: TrainingData, metrics: list[dict], run_dir: Pa
     title = f"{data.dataset.name}, $N_z$={recipe.latent_dim}, {recipe.estimator}"
     plot_bound({"AEVB": metrics}, fig_dir / "bound.png", title=title)
     save_grid(vae.sample(64), shape, fig_dir / "samples.png", title="samples (decoder means)")
-    x = data.test[:32]
+    x = data.test[torch.linspace(0, data.test.shape[0] - 1, 32).long()]  # spread out: a split may be sorted by class
     pairs = torch.stack([x, vae.reconstruct(x)], 1).reshape(-1, x.shape[-1])  # original, reconstruction, ...
     save_grid(pairs, shape, fig_dir / "reconstructions.png", title="test images and reconstructions")
     if recipe.latent_dim == 2:
