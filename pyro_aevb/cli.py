@@ -23,13 +23,10 @@ class _Parser(argparse.ArgumentParser):
 
 def _train(args) -> None:
     from .checkpoint import load_checkpoint
-    from .config import apply_overrides, load_recipe, make_recipe
+    from .config import apply_overrides, command_line_overrides, load_recipe, make_recipe
     from .train import train
 
-    overrides = list(args.set or [])
-    for key, value in (("data_dir", args.data_dir), ("device", args.device), ("seed", args.seed)):
-        if value is not None:
-            overrides.append(f"{key}={value}" if key != "data_dir" else f'data_dir="{value}"')
+    overrides = command_line_overrides(args.set, args.data_dir, args.device, args.seed)
     if args.resume:
         if args.out or args.overwrite:
             raise ConfigError("--resume DIR continues DIR; it takes neither --out nor --overwrite")

@@ -282,6 +282,19 @@ def load_recipe(
     return make_recipe(values)
 
 
+def command_line_overrides(sets: list[str] | None, data_dir: str | None = None, device: str | None = None,
+                           seed: int | None = None) -> list[str]:
+    """The ``--set`` overrides of a command, with its ``--data-dir``, ``--device`` and ``--seed`` appended."""
+    overrides = list(sets or [])
+    if data_dir is not None:
+        overrides.append(f"data_dir={_toml_value(str(data_dir))}")
+    if device is not None:
+        overrides.append(f"device={device}")
+    if seed is not None:
+        overrides.append(f"seed={seed}")
+    return overrides
+
+
 def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """``values`` with each ``--set key=value`` applied in order (table keys merge into their table)."""
     values = dict(values)

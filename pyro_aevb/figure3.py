@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from .config import Recipe, load_recipe, make_recipe
+from .config import Recipe, command_line_overrides, load_recipe, make_recipe
 from .errors import ConfigError
 
 DEFAULT_ESTIMATORS = "sgvb-b,wake-sleep,mcem"
@@ -187,10 +187,7 @@ def _command(args) -> None:
     names = parse_estimators(args.estimators)
     options = parse_options(args.option, names)
     budgets = parse_budgets(args.budgets)
-    overrides = list(args.set or [])
-    for key, value in (("data_dir", args.data_dir), ("device", args.device), ("seed", args.seed)):
-        if value is not None:
-            overrides.append(f"{key}={value}" if key != "data_dir" else f'data_dir="{value}"')
+    overrides = command_line_overrides(args.set, args.data_dir, args.device, args.seed)
     recipe = load_recipe(args.recipe, overrides)
     stem = Path(args.recipe).stem if args.recipe else "default"
     out = Path(args.out) if args.out else Path("runs") / f"figure3-{stem}-{datetime.now():%Y%m%d-%H%M%S}"
