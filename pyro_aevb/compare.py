@@ -183,13 +183,18 @@ def register(subparsers) -> None:
     p.add_argument("recipe", nargs="?", help="a .toml path or a recipe name in models/")
     p.add_argument("--estimators", default=DEFAULT_ESTIMATORS,
                    help=f"registered names, comma-separated (default: {DEFAULT_ESTIMATORS})")
+    add_run_arguments(p, "compare", "score-function:baseline=neural")
+    p.set_defaults(func=_command)
+
+
+def add_run_arguments(p, command: str, option_example: str) -> None:
+    """The options every multi-estimator command shares (``compare``, ``figure3``)."""
     p.add_argument("--option", action="append", metavar="NAME:KEY=VALUE",
-                   help="an option of one estimator, e.g. score-function:baseline=neural (repeatable)")
+                   help=f"an option of one estimator, e.g. {option_example} (repeatable)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe key for all (repeatable)")
-    p.add_argument("--out", help="output directory (default: runs/compare-NAME-TIMESTAMP)")
+    p.add_argument("--out", help=f"output directory (default: runs/{command}-NAME-TIMESTAMP)")
     p.add_argument("--data-dir", help="where data files live (default: $PYRO_AEVB_DATA)")
     p.add_argument("--device", choices=["cpu", "cuda"])
     p.add_argument("--seed", type=int)
     p.add_argument("--overwrite", action="store_true", help="write into existing run directories")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.set_defaults(func=_command)

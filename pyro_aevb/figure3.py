@@ -202,14 +202,13 @@ def _command(args) -> None:
 
 def register(subparsers) -> None:
     """Add ``figure3`` to the ``pyro-aevb`` command's subparsers."""
+    from .compare import add_run_arguments
+
     p = subparsers.add_parser("figure3", help="marginal likelihood against training samples: AEVB, wake-sleep, "
                                               "MCEM (Figure 3)")
     p.add_argument("recipe", nargs="?", help="a .toml path or a recipe name in models/ (e.g. figure3_mnist_n1000)")
     p.add_argument("--estimators", default=DEFAULT_ESTIMATORS,
                    help=f"registered names, comma-separated (default: {DEFAULT_ESTIMATORS})")
-    p.add_argument("--option", action="append", metavar="NAME:KEY=VALUE",
-                   help="an option of one estimator, e.g. mcem:e_steps=2 (repeatable)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe key for all (repeatable)")
     p.add_argument("--budgets", default=DEFAULT_BUDGETS,
                    help=f"training samples at which to evaluate, increasing (default: {DEFAULT_BUDGETS})")
     p.add_argument("--train-size", type=int,
@@ -221,10 +220,5 @@ def register(subparsers) -> None:
                    help="L of the Appendix D estimator: L draws fit q, L more estimate (default 100)")
     p.add_argument("--warmup-steps", type=int, help="HMC warm-up draws per datapoint (default: L)")
     p.add_argument("--kernel", choices=["nuts", "hmc"], default="nuts", help="the HMC kernel (default nuts)")
-    p.add_argument("--out", help="output directory (default: runs/figure3-NAME-TIMESTAMP)")
-    p.add_argument("--data-dir", help="where data files live (default: $PYRO_AEVB_DATA)")
-    p.add_argument("--device", choices=["cpu", "cuda"])
-    p.add_argument("--seed", type=int)
-    p.add_argument("--overwrite", action="store_true", help="write into existing run directories")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_run_arguments(p, "figure3", "mcem:e_steps=2")
     p.set_defaults(func=_command)

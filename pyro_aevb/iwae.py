@@ -14,6 +14,7 @@ import math
 import torch
 
 from .evaluation import log_weights
+from .surrogate import SurrogateLossMixin
 
 
 def iwae_bound(log_w: torch.Tensor) -> torch.Tensor:
@@ -21,7 +22,7 @@ def iwae_bound(log_w: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(log_w, 0) - math.log(log_w.shape[0])
 
 
-class IWAE:
+class IWAE(SurrogateLossMixin):
     r"""The K-sample importance-weighted bound [1], one per datapoint, reparameterised, minibatches of M.
 
     .. math::
@@ -62,12 +63,3 @@ class IWAE:
         scale = (kwargs.get("num_data") or x.shape[0]) / x.shape[0]
         log_w = log_weights(model, guide, x, self.num_particles, **kwargs)  # (K, M)
         return -scale * iwae_bound(log_w).sum()
-
-    def loss(self, model, guide, *args, **kwargs) -> float:
-        with torch.no_grad():
-            return self.differentiable_loss(model, guide, *args, **kwargs).item()
-
-    def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
-        loss = self.differentiable_loss(model, guide, *args, **kwargs)
-        loss.backward()
-        return loss.item()

@@ -70,6 +70,7 @@ from pyro.poutine.util import site_is_subsample
 
 from .errors import ConfigError
 from .hmc import latent_site
+from .surrogate import SurrogateLossMixin
 
 #: Robbins-Monro schedule of the log step size: gamma_t = max(GAIN (t + 1)^-KAPPA, MIN_RATE). The error
 #: a_t - delta is at most 1 - delta = 0.1 above the target, so a large gain lets a too-small step grow.
@@ -93,7 +94,7 @@ def log_joint_rows(model, x: torch.Tensor, z: torch.Tensor, site: str = "z") -> 
     return total
 
 
-class MonteCarloEM(nn.Module):
+class MonteCarloEM(SurrogateLossMixin, nn.Module):
     r"""Monte Carlo EM with persistent per-datapoint HMC chains (see the module docstring for the objective).
 
     :param num_particles: must be 1 (one chain per datapoint).
@@ -224,13 +225,3 @@ class MonteCarloEM(nn.Module):
             indices = torch.arange(M, device=x.device)
         z = self.e_step(model, x, indices, N)
         return -(N / M) * log_joint_rows(model, x, z.detach(), self._site).sum()
-
-    def loss(self, model, guide, *args, **kwargs) -> float:
-        """As :meth:`differentiable_loss` (the E-step runs and the chains move), as a float."""
-        with torch.no_grad():
-            return self.differentiable_loss(model, guide, *args, **kwargs).item()
-
-    def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
-        loss = self.differentiable_loss(model, guide, *args, **kwargs)
-        loss.backward()
-        return loss.item()

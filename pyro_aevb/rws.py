@@ -10,13 +10,13 @@ scaled by N/M, and the model/guide pair is called like any other estimator's.
 from __future__ import annotations
 
 import torch
-
 from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 
 from .errors import ConfigError
 from .evaluation import log_weights
 from .score_function import NonReparam
+from .surrogate import SurrogateLossMixin
 from .wake_sleep import _without_beta, sleep_log_q
 
 
@@ -66,7 +66,7 @@ def wake_terms(model, guide, x: torch.Tensor, num_particles: int, **kwargs):
     return log_w, log_p, log_q
 
 
-class ReweightedWakeSleep:
+class ReweightedWakeSleep(SurrogateLossMixin):
     r"""Reweighted wake-sleep [1] with K particles, per-datapoint importance weights, minibatches of M.
 
     For each datapoint :math:`x_i` of the minibatch, :math:`z_{ik} \sim q_\phi(z|x_i)`
@@ -144,9 +144,3 @@ class ReweightedWakeSleep:
         with torch.no_grad():
             log_w = log_weights(model, guide, x, self.num_particles, **kwargs)
         return -(self._scale(x, kwargs) * log_w.mean(0).sum()).item()
-
-    def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
-        loss = self.differentiable_loss(model, guide, *args, **kwargs)
-        loss.backward()
-        return loss.item()
-

@@ -24,6 +24,7 @@ from pyro import poutine
 
 from .errors import ConfigError
 from .score_function import NonReparam
+from .surrogate import SurrogateLossMixin
 
 
 def _without_beta(kwargs: dict) -> dict:
@@ -62,7 +63,7 @@ def sleep_log_q(model, guide, x: torch.Tensor, num_samples: int = 0, **kwargs) -
     return guide_trace.log_prob_sum()
 
 
-class WakeSleep:
+class WakeSleep(SurrogateLossMixin):
     r"""Wake-sleep [1] with the AEVB recognition model, minibatches of M and L samples of z per datapoint.
 
     Wake (updates :math:`\theta`), with :math:`z_{il} \sim q_\phi(z|x_i)` detached:
@@ -130,9 +131,3 @@ class WakeSleep:
         with torch.no_grad():
             elbo, _ = self._wake(model, guide, args, _without_beta(kwargs))
         return -elbo.item()
-
-    def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
-        loss = self.differentiable_loss(model, guide, *args, **kwargs)
-        loss.backward()
-        return loss.item()
-
