@@ -66,7 +66,8 @@ class Recipe:
     checkpoint_every: int = 200_000  # write checkpoint.pt every this many training samples
     seed: int = 0  # seeds torch, numpy, random and pyro
     device: str = "cpu"  # "cpu" or "cuda"
-    fast_path: str = "auto"  # "auto": trace the ELBO once (JIT) where it applies, else eager Pyro; "off": eager
+    fast_path: str = "auto"  # "auto": JIT trace (CPU) or CUDA graph (GPU) where it applies, else eager Pyro; "off": eager
+    sync_every: int = 0  # steps between host reads of the loss and the finiteness check; 0: 1 on CPU, 50 on CUDA
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -97,7 +98,7 @@ _POSITIVE = {
     "lr",
     "init_scale",
 }
-_NON_NEGATIVE = {"kl_warmup", "weight_decay", "seed", "grad_clip", "max_nan_skips"}
+_NON_NEGATIVE = {"kl_warmup", "weight_decay", "seed", "grad_clip", "max_nan_skips", "sync_every"}
 _CHOICES = {
     "likelihood": ("bernoulli", "gaussian"),
     "init": ("normal", "pytorch"),

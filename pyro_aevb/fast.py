@@ -29,7 +29,7 @@ import pyro
 JIT_ESTIMATORS = ("sgvb-a", "sgvb-b")
 
 
-class _ELBOModule(torch.nn.Module):
+class ELBOModule(torch.nn.Module):
     """``x, beta -> estimator.differentiable_loss(model, guide, x, num_data=N, beta=beta)``."""
 
     def __init__(self, vae, estimator, num_data: int):
@@ -73,7 +73,7 @@ def compile_loss(name: str, vae, estimator, example_x: torch.Tensor, num_data: i
         return None, f"estimator '{name}' is not a plain reparameterized ELBO"
     if example_x.device.type != "cpu":
         return None, "the JIT path is for the CPU; CUDA uses its own path"
-    module = _ELBOModule(vae, estimator, num_data)
+    module = ELBOModule(vae, estimator, num_data)
     beta = torch.tensor(1.0)
     rng = torch.get_rng_state()  # tracing draws noise: leave the run's random stream as it was
     try:

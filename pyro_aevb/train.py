@@ -43,7 +43,8 @@ from .data import Dataset, load_dataset
 from .errors import CheckpointError, ConfigError, DataError, Interrupted, TrainingError
 from .estimators import backward, estimator_parameters, kl_status, make_estimator
 from .evaluation import average_bound
-from .fast import compile_loss
+from .cuda_graphs import CapturedStep, capture_plan
+from .fast import ELBOModule, JIT_ESTIMATORS, compile_loss
 from .plots import manifold_images, plot_bound, save_grid
 from .vae import VAE, build_vae
 
@@ -94,10 +95,16 @@ def kl_warmup_beta(recipe: Recipe, samples: int) -> float:
     return recipe.beta * min(1.0, samples / recipe.kl_warmup)
 
 
-def make_optimizer(recipe: Recipe, params) -> torch.optim.Optimizer:
+def make_optimizer(recipe: Recipe, params, capturable: bool = False) -> torch.optim.Optimizer:
+    """The recipe's optimizer. ``capturable``: one whose step runs inside a CUDA graph (no ``.item()``):
+    the fused Adagrad kernel keeps its step count on the device; Adam has ``capturable=True``."""
     if recipe.optimizer == "adagrad":
-        return torch.optim.Adagrad(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
-    return torch.optim.Adam(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
+        extra = {"fused": True} if capturable else {}
+        return torch.optim.Adagrad(params, lr=recipe.lr, weight_decay=recipe.weight_decay, **extra)
+    params = list(params)
+    on_gpu = any(p.is_cuda for p in params)  # Adam's capturable mode exists for accelerators only
+    extra = {"capturable": True, "foreach": True} if capturable and on_gpu else {}
+    return torch.optim.Adam(params, lr=recipe.lr, weight_decay=recipe.weight_decay, **extra)
 
 
 def evaluate(vae: VAE, data: TrainingData, recipe: Recipe, kl: str) -> dict:
@@ -251,7 +258,8 @@ def train(
         estimator.to(device)
     params = dict(vae.named_parameters())
     params.update({f"estimator.{i}": p for i, p in enumerate(estimator_parameters(estimator))})
-    optimizer = make_optimizer(recipe, list(params.values()))
+    no_capture = capture_plan(recipe, recipe.estimator, device)  # None: the step becomes one CUDA graph
+    optimizer = make_optimizer(recipe, list(params.values()), capturable=no_capture is None)
     N, M = data.num_data, recipe.batch_size
     if M > N:
         raise ConfigError(f"batch_size {M} is larger than the training set ({N}); lower batch_size")
@@ -262,10 +270,26 @@ def train(
     if bad:
         raise TrainingError(f"parameter '{bad[0]}' is non-finite before training; check the initial state")
     kl = kl_status(vae.model, vae.guide, data.train_eval[:M])
-    compiled, fast_path = None, "off (fast_path = \"off\")"
-    if recipe.fast_path == "auto":
+    compiled, captured, fast_path = None, None, "off (fast_path = \"off\")"
+    if no_capture is None:
+        captured = CapturedStep(ELBOModule(vae, estimator, N), params.values(), optimizer, data.train, M,
+                                data.binarize, recipe.grad_clip)
+        fast_path = "cuda-graph"
+    elif recipe.fast_path == "auto" and device.type == "cuda" and recipe.estimator in JIT_ESTIMATORS:
+        # Pyro's differentiable_loss reads the loss back (torch_item, warn_if_nan): a host sync per step.
+        # The same ELBO summed as surrogate losses has none.
+        compiled = ELBOModule(vae, estimator, N)
+        fast_path = f"eager Pyro (ELBO module), no CUDA graph: {no_capture}"
+    elif recipe.fast_path == "auto":
         compiled, reason = compile_loss(recipe.estimator, vae, estimator, data.train_eval[:M].clone(), N)
         fast_path = "jit" if compiled is not None else f"eager Pyro: {reason}"
+    # Host reads: with check_every > 1 updates are applied unchecked, and flags on the device say which
+    # step first went non-finite; they are read back every check_every steps and before any evaluation
+    # or checkpoint, so that a checkpoint is always finite. on_nan = "skip" must look before each update.
+    check_every = recipe.sync_every or (1 if device.type == "cpu" else 50)
+    if recipe.on_nan == "skip":
+        check_every = 1
+    first_bad = torch.full((), -1, dtype=torch.long, device=device)  # first non-finite step, -1: none
 
     steps_per_epoch = N // M  # an epoch is a permutation of the data, in full minibatches
     total_steps = math.ceil(recipe.max_samples / M)
@@ -290,6 +314,7 @@ def train(
             "estimator": recipe.estimator,
             "kl": kl,
             "fast_path": fast_path,
+            "sync_every": check_every,
             "device": str(device),
             "seed": recipe.seed,
             "versions": versions(),
@@ -335,6 +360,24 @@ def train(
     bar = tqdm(total=total_steps * M, initial=start_step * M, unit="sample", unit_scale=True,
                disable=not progress, desc="AEVB")
     running_loss, running_steps = torch.zeros((), device=device), 0
+
+    def fail(at_step: int, where: str, detail: str = "") -> None:
+        bar.close()
+        metrics_file.close()
+        run_info.update(status="failed", nan_skips=nan_skips)
+        _write_json(run_dir / "run.json", run_info)
+        raise TrainingError(
+            f"non-finite loss at step {at_step} (sample {at_step * M:,}){detail}: {where}. "
+            f"The last good checkpoint in {run_dir} is untouched; lower lr, set grad_clip, "
+            "or set on_nan = \"skip\"")
+
+    def check_deferred(x: torch.Tensor) -> None:
+        """Read back the device's flag (one host sync) and stop if some step since the last read went non-finite."""
+        bad = int(first_bad)
+        if bad >= 0:
+            where = diagnose_nonfinite(vae, x, params) or "the loss is non-finite"
+            fail(bad, where, f", seen at step {step} (flags are read every {check_every} steps)")
+
     with _StopSignals() as stop:
         while step < total_steps and stop.received is None:
             # 1. a minibatch: indices into device-resident data
@@ -342,54 +385,62 @@ def train(
             if pos == 0:
                 perm = torch.randperm(N, device=device)
             idx = perm[pos * M : (pos + 1) * M]  # (M,)
-            x = data.train[idx]  # (M, D)
-            if data.binarize:
-                x = torch.bernoulli(x)
             samples_before, samples = step * M, (step + 1) * M
-            # 2. gradient of the scaled minibatch bound
-            optimizer.zero_grad(set_to_none=True)
             beta = kl_warmup_beta(recipe, samples)
-            try:
-                if compiled is not None:
-                    loss = compiled(x, beta)
-                    loss.backward()
-                    loss = loss.detach()
-                else:
-                    loss = backward(estimator, vae.model, vae.guide, x, num_data=N, beta=beta, **extra(idx))
-            except ValueError:  # Pyro's validation refusing a NaN distribution parameter
-                if diagnose_nonfinite(vae, x, params) is None:
-                    raise  # not a non-finite value: a genuine bug, show it
-                loss = torch.tensor(float("nan"), device=device)
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                list(params.values()), recipe.grad_clip if recipe.grad_clip > 0 else float("inf"))
-            if not (torch.isfinite(loss) & torch.isfinite(grad_norm)):  # one host sync per step
-                where = diagnose_nonfinite(vae, x, params) or "the loss is non-finite"
-                if recipe.on_nan == "skip" and nan_skips < recipe.max_nan_skips:
-                    nan_skips += 1  # skip the update; the data and RNG move on as usual
-                else:
-                    bar.close()
-                    metrics_file.close()
-                    run_info.update(status="failed", nan_skips=nan_skips)
-                    _write_json(run_dir / "run.json", run_info)
-                    limit = f" after {nan_skips} skipped steps (max_nan_skips)" if recipe.on_nan == "skip" else ""
-                    raise TrainingError(
-                        f"non-finite loss at step {step + 1} (sample {samples:,}){limit}: {where}. "
-                        f"The last good checkpoint in {run_dir} is untouched; lower lr, set grad_clip, "
-                        "or set on_nan = \"skip\"")
+            if captured is not None:
+                # 2.+3. gradient and update, replayed as one CUDA graph once captured
+                loss, finite = captured(idx, beta)
+                if captured.failure is not None and fast_path == "cuda-graph":
+                    fast_path = run_info["fast_path"] = f"eager Pyro (ELBO module): {captured.failure}"
+                    tqdm.write(f"notice: {captured.failure}; training continues without the graph")
+                x = None
             else:
-                # 3. the update
-                optimizer.step()
-            running_loss += loss.detach() if torch.isfinite(loss) else 0.0
+                x = data.train[idx]  # (M, D)
+                if data.binarize:
+                    x = torch.bernoulli(x)
+                # 2. gradient of the scaled minibatch bound
+                optimizer.zero_grad(set_to_none=True)
+                try:
+                    if compiled is not None:
+                        loss = compiled(x, beta)
+                        loss.backward()
+                        loss = loss.detach()
+                    else:
+                        loss = backward(estimator, vae.model, vae.guide, x, num_data=N, beta=beta, **extra(idx))
+                except ValueError:  # Pyro's validation refusing a NaN distribution parameter
+                    if diagnose_nonfinite(vae, x, params) is None:
+                        raise  # not a non-finite value: a genuine bug, show it
+                    loss = torch.tensor(float("nan"), device=device)
+                grad_norm = torch.nn.utils.clip_grad_norm_(
+                    list(params.values()), recipe.grad_clip if recipe.grad_clip > 0 else float("inf"))
+                finite = torch.isfinite(loss) & torch.isfinite(grad_norm)
+                if check_every == 1 and not finite:  # one host sync per step
+                    where = diagnose_nonfinite(vae, x, params) or "the loss is non-finite"
+                    if recipe.on_nan == "skip" and nan_skips < recipe.max_nan_skips:
+                        nan_skips += 1  # skip the update; the data and RNG move on as usual
+                    else:
+                        limit = f" after {nan_skips} skipped steps (max_nan_skips)" if recipe.on_nan == "skip" else ""
+                        fail(step + 1, where, limit)
+                else:
+                    # 3. the update
+                    optimizer.step()
+            if check_every > 1:
+                first_bad = torch.where((first_bad < 0) & ~finite, step + 1, first_bad)
+            running_loss += torch.where(finite, loss, 0.0)
             running_steps += 1
             step += 1
             bar.update(M)
             _kill_hook(step)
 
+            do_eval = samples // recipe.eval_every > samples_before // recipe.eval_every or step == total_steps
+            do_checkpoint = samples // recipe.checkpoint_every > samples_before // recipe.checkpoint_every or step == total_steps
+            if check_every > 1 and (step % check_every == 0 or do_eval or do_checkpoint):
+                check_deferred(x if x is not None else data.train[idx])
             if running_steps == 50 or step == total_steps:  # read the loss back every 50 steps
                 bar.set_postfix(bound=f"{-running_loss.item() / running_steps / N:.2f}", refresh=False)
                 running_loss.zero_()
                 running_steps = 0
-            if samples // recipe.eval_every > samples_before // recipe.eval_every or step == total_steps:
+            if do_eval:
                 train_seconds += time.time() - t0
                 t_eval = time.time()
                 # Evaluation draws its noise on a fork of the random stream, so that how often a run
@@ -405,9 +456,11 @@ def train(
                 metrics_file.flush()
                 bar.set_postfix(bound=f"{row['train_elbo']:.2f}", test=f"{row['test_elbo']:.2f}", refresh=True)
                 t0 = time.time()
-            if samples // recipe.checkpoint_every > samples_before // recipe.checkpoint_every or step == total_steps:
+            if do_checkpoint:
                 checkpoint(step)
         if stop.received is not None and step < total_steps:
+            if check_every > 1:
+                check_deferred(data.train[:M])
             checkpoint(step)
     bar.close()
     metrics_file.close()
@@ -444,7 +497,8 @@ def _resume_checkpoint(run_dir: Path, recipe: Recipe, force: bool) -> dict:
     for key in ("perm", "train_seconds", "nan_skips", "rng", "optimizer"):
         if key not in payload:
             raise CheckpointError(f"{run_dir / 'checkpoint.pt'} lacks '{key}'; it cannot be resumed exactly")
-    saved = {k: v for k, v in payload["recipe"].items() if k != "data_dir"}  # the data may move
+    # The data may move; keys a checkpoint lacks (older versions) had their default values.
+    saved = {k: v for k, v in (Recipe().to_dict() | payload["recipe"]).items() if k != "data_dir"}
     changed = recipe_diff(saved, {k: v for k, v in recipe.to_dict().items() if k != "data_dir"})
     if changed and not force:
         raise ConfigError(f"refusing to resume {run_dir} with a changed recipe ({'; '.join(changed)}); "
