@@ -5,6 +5,10 @@ reference step (:func:`reference_loss`, in the style of the pytorch/examples
 VAE) reads the very same parameters as our Pyro model/guide, and a test checks
 that for the same parameters and noise its loss equals the Pyro loss to 1e-5.
 
+It also times the importance-sampled log-likelihood (:func:`pyro_aevb.log_likelihood`,
+K = 5000) against raw ``torch.mm`` calls of the same shapes, to show what share
+of the machine's matrix-product throughput the evaluation reaches.
+
 Paths are timed in interleaved rounds (reference, path 1, path 2, ... then
 again), so that a machine's drift in speed hits every path alike; we report
 medians. Ratios measured in the same run are the numbers to trust.
@@ -24,7 +28,9 @@ import pyro
 
 from .config import Recipe
 from .estimators import make_estimator
-from .fast import compile_loss
+from .cuda_graphs import WARMUP_STEPS, CapturedStep
+from .fast import ELBOModule, compile_loss
+from .likelihood import DEFAULT_CHUNK_SIZE, chunk_shape, log_likelihood
 from .train import make_optimizer, resolve_device
 from .vae import VAE, build_vae
 
@@ -57,6 +63,21 @@ def _step_fn(loss_fn, vae, recipe):
     return step
 
 
+def _graph_step_fn(name: str, vae: VAE, recipe: Recipe, x: torch.Tensor, num_data: int):
+    """The CUDA path of training: the whole step (minibatch gather, ELBO, backward, update) as one graph."""
+    estimator = make_estimator(name, recipe.num_particles)
+    optimizer = make_optimizer(recipe, vae.parameters(), capturable=True)
+    step = CapturedStep(ELBOModule(vae, estimator, num_data), vae.parameters(), optimizer, x, x.shape[0],
+                        binarize=False, grad_clip=0.0)
+    idx = torch.arange(x.shape[0], device=x.device)
+    for _ in range(WARMUP_STEPS):  # warm-up and capture
+        step(idx, 1.0)
+    if step.graph is None:
+        print(f"note: no CUDA graph for {name}: {step.status}")
+        return None
+    return lambda: step(idx, 1.0)[0]
+
+
 def training_paths(recipe: Recipe, x: torch.Tensor, num_data: int) -> dict[str, callable]:
     """One step function per path, each on its own copy of the same initial parameters."""
     base = build_vae(recipe, x.shape[1]).to(x.device)
@@ -69,6 +90,11 @@ def training_paths(recipe: Recipe, x: torch.Tensor, num_data: int) -> dict[str, 
         paths[f"{name} eager"] = _step_fn(
             lambda v=v, e=estimator: e.differentiable_loss(v.model, v.guide, x, num_data=num_data), v, recipe)
         v = copy.deepcopy(base)
+        if x.is_cuda:
+            graphed = _graph_step_fn(name, v, recipe, x, num_data)
+            if graphed is not None:
+                paths[f"{name} cuda-graph (default)"] = graphed
+            continue
         compiled, reason = compile_loss(name, v, estimator, x, num_data)
         if compiled is not None:
             paths[f"{name} jit (default)"] = _step_fn(lambda c=compiled: c(x, 1.0), v, recipe)
@@ -77,10 +103,58 @@ def training_paths(recipe: Recipe, x: torch.Tensor, num_data: int) -> dict[str, 
     return paths
 
 
-def time_paths(paths: dict, rounds: int, steps: int, sync) -> dict[str, float]:
+def matmul_shapes(vae: VAE, rows: int, samples: int) -> list[tuple[int, int, int]]:
+    """(m, k, n) of the matrix products of one importance-sampling pass over ``rows`` datapoints and
+    ``samples`` particles each: the encoder on the rows, the decoder on rows x samples latent draws."""
+    enc, dec = vae.encoder, vae.decoder
+    D, H = enc.hidden[0].in_features, enc.hidden[0].out_features
+    Nz, B = enc.loc.out_features, rows * samples
+    decoder = [(B, lin.in_features, lin.out_features) for lin in dec.modules() if isinstance(lin, torch.nn.Linear)]
+    return [(rows, D, H), (rows, H, Nz), (rows, H, Nz)] + decoder
+
+
+def likelihood_rows(recipe: Recipe, x: torch.Tensor, num_samples: int, chunk_size: int, rounds: int,
+                    sync) -> list[dict]:
+    """Time ``log_likelihood`` (K = ``num_samples`` on the datapoints x) against raw ``torch.mm`` calls of
+    the same shapes, pass by pass, in interleaved rounds: how much of the matmul throughput it reaches."""
+    vae = build_vae(recipe, x.shape[1]).to(x.device)
+    n = x.shape[0]
+    rows, samples = chunk_shape(n, num_samples, chunk_size)
+    passes = [(min(rows, n - r0), min(samples, num_samples - k0))
+              for r0 in range(0, n, rows) for k0 in range(0, num_samples, samples)]
+    operands = {}  # (m, k, n) -> (A, B), allocated once, outside the timing
+    for r, k in set(passes):
+        for m_, k_, n_ in matmul_shapes(vae, r, k):
+            operands.setdefault((m_, k_, n_), (torch.randn(m_, k_, device=x.device),
+                                               torch.randn(k_, n_, device=x.device)))
+    flops = sum(2 * m_ * k_ * n_ for r, k in passes for m_, k_, n_ in matmul_shapes(vae, r, k))
+
+    def evaluation():
+        log_likelihood(vae.model, vae.guide, x, num_samples=num_samples, chunk_size=chunk_size, progress=False)
+
+    def raw_mm():
+        for r, k in passes:
+            for shape in matmul_shapes(vae, r, k):
+                torch.mm(*operands[shape])
+
+    times = time_paths({"mm": raw_mm, "ll": evaluation}, rounds, 1, sync, warmup=1)
+    t_mm, t_ll = times["mm"], times["ll"]
+    common = {"device": str(x.device), "batch_size": n, "num_samples": num_samples, "chunk_size": chunk_size,
+              "network": f"784-{recipe.hidden_dim}-{recipe.latent_dim}", "threads": torch.get_num_threads(),
+              "rounds": rounds, "matmul_gflop": flops / 1e9}
+    return [
+        {"path": "torch.mm, same shapes", **common, "median_step_seconds": t_mm, "steps_per_second": 1 / t_mm,
+         "ratio_to_reference": 1.0, "gflops_per_second": flops / t_mm / 1e9},
+        {"path": f"log_likelihood K={num_samples}", **common, "median_step_seconds": t_ll,
+         "steps_per_second": 1 / t_ll, "ratio_to_reference": t_ll / t_mm, "gflops_per_second": flops / t_ll / 1e9,
+         "matmul_share": t_mm / t_ll},
+    ]
+
+
+def time_paths(paths: dict, rounds: int, steps: int, sync, warmup: int | None = None) -> dict[str, float]:
     """Median seconds per step of each path, over interleaved rounds of ``steps`` steps."""
     for step in paths.values():  # warm-up: allocator, JIT optimisation passes
-        for _ in range(max(3, steps // 2)):
+        for _ in range(max(3, steps // 2) if warmup is None else warmup):
             step()
     sync()
     times = {name: [] for name in paths}
@@ -112,14 +186,30 @@ def run_bench(device: str = "cpu", quick: bool = False, batch_sizes=(100, 1000))
                          "network": f"784-{recipe.hidden_dim}-{recipe.latent_dim}",
                          "median_step_seconds": t, "steps_per_second": 1.0 / t, "ratio_to_reference": t / ref,
                          "threads": torch.get_num_threads(), "rounds": rounds, "steps_per_round": steps})
+    # The evaluation: K = 5000 importance samples on a slice of data (quick: K = 500 on 10 datapoints)
+    torch.manual_seed(0)
+    n, k = (10, 500) if quick else (50, 5000)
+    x = torch.rand(n, 784, device=dev).bernoulli()
+    rows += likelihood_rows(recipe, x, k, DEFAULT_CHUNK_SIZE, 2 if quick else 5, sync)
     return rows
 
 
 def _print_table(rows: list[dict]) -> None:
-    print(f"{'path':<22} {'device':<7} {'M':>5} {'ms/step':>9} {'steps/s':>9} {'ratio':>7}")
-    for r in rows:
-        print(f"{r['path']:<22} {r['device']:<7} {r['batch_size']:>5} {r['median_step_seconds'] * 1e3:>9.3f} "
+    steps = [r for r in rows if "num_samples" not in r]
+    print(f"{'path':<28} {'device':<7} {'M':>5} {'ms/step':>9} {'steps/s':>9} {'ratio':>7}")
+    for r in steps:
+        print(f"{r['path']:<28} {r['device']:<7} {r['batch_size']:>5} {r['median_step_seconds'] * 1e3:>9.3f} "
               f"{r['steps_per_second']:>9.1f} {r['ratio_to_reference']:>7.3f}")
+    evals = [r for r in rows if "num_samples" in r]
+    if evals:
+        r = evals[0]
+        print(f"\nimportance-sampled log p(x): {r['batch_size']} datapoints x K={r['num_samples']}, "
+              f"chunk {r['chunk_size']}, {r['matmul_gflop']:.1f} GFLOP of matrix products")
+        print(f"{'path':<28} {'device':<7} {'seconds':>9} {'GFLOP/s':>9} {'ratio':>7}")
+        for r in evals:
+            print(f"{r['path']:<28} {r['device']:<7} {r['median_step_seconds']:>9.3f} "
+                  f"{r['gflops_per_second']:>9.1f} {r['ratio_to_reference']:>7.3f}")
+        print(f"log_likelihood reaches {evals[1]['matmul_share']:.0%} of raw torch.mm throughput")
 
 
 def command(args) -> None:

@@ -46,6 +46,10 @@ def test_bench_quick_runs_and_reports():
                 "ratio_to_reference"} <= set(r)
         assert r["median_step_seconds"] > 0 and r["device"] == "cpu"
     assert [r["ratio_to_reference"] for r in rows if r["path"] == "reference"] == [1.0]
+    mm, ll = [r for r in rows if "num_samples" in r]
+    assert mm["path"] == "torch.mm, same shapes" and ll["path"] == "log_likelihood K=500"
+    assert ll["ratio_to_reference"] == pytest.approx(ll["median_step_seconds"] / mm["median_step_seconds"])
+    assert 0 < ll["matmul_share"] < 2 and ll["gflops_per_second"] > 0
 
 
 def test_bench_cuda_without_cuda_is_one_line():
@@ -55,3 +59,18 @@ def test_bench_cuda_without_cuda_is_one_line():
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().count("\n") == 0 and "CUDA is not available" in proc.stderr
+
+
+def test_matmul_shapes_count_the_flops_of_an_importance_sampling_pass():
+    """The raw-mm side of the evaluation benchmark does the same matrix products as log_likelihood."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from pyro_aevb.bench import matmul_shapes
+    from pyro_aevb.likelihood import log_likelihood
+
+    vae = build_vae(Recipe(latent_dim=7, hidden_dim=30), 784)
+    x = torch.rand(6, 784).bernoulli()
+    with FlopCounterMode(display=False) as counter:
+        log_likelihood(vae.model, vae.guide, x, num_samples=40, chunk_size=10_000, progress=False)
+    expected = sum(2 * m * k * n for m, k, n in matmul_shapes(vae, rows=6, samples=40))
+    assert counter.get_total_flops() == expected
