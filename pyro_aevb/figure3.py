@@ -75,14 +75,33 @@ def evaluation_points(recipe: Recipe, dataset, eval_points: int) -> tuple[torch.
     return train_x, test_x
 
 
-def _log_likelihood(vae, x: torch.Tensor, hmc: dict) -> tuple[float, float]:
-    """Mean and standard error of the Appendix D estimate of log p(x_i) over the rows of x."""
+def _log_likelihood(vae, x: torch.Tensor, hmc: dict) -> list[float]:
+    """The Appendix D estimate of log p(x_i) for each row of x."""
     from .hmc import hmc_log_likelihood
 
     device = next(vae.parameters()).device
-    values = hmc_log_likelihood(vae.model, x.to(device), **hmc).detach().cpu().double()
-    se = values.std().item() / len(values) ** 0.5 if len(values) > 1 else float("nan")
-    return values.mean().item(), se
+    return hmc_log_likelihood(vae.model, x.to(device), **hmc).detach().cpu().double().tolist()
+
+
+def mean_se(values) -> tuple[float, float]:
+    """Mean and standard error of the mean (nan for a single value)."""
+    v = torch.as_tensor(values, dtype=torch.float64)
+    return v.mean().item(), (v.std().item() / len(v) ** 0.5 if len(v) > 1 else float("nan"))
+
+
+def paired_differences(figure: dict, split: str) -> dict[str, list[tuple[float, float]]]:
+    """For each estimator after the first, at each budget: mean and standard error of
+    log p(x_i) [estimator] - log p(x_i) [first estimator] over the same evaluation points.
+
+    Pairing removes the spread between datapoints, which dominates the unpaired standard errors.
+    """
+    names = list(figure["estimators"])
+    base = figure["estimators"][names[0]][f"{split}_values"]
+    out = {}
+    for name in names[1:]:
+        values = figure["estimators"][name][f"{split}_values"]
+        out[name] = [mean_se([a - b for a, b in zip(v, b0)]) for v, b0 in zip(values, base)]
+    return out
 
 
 def figure3(recipe: Recipe, names: list[str], out_dir: str | Path, budgets: list[int],
@@ -111,7 +130,8 @@ def figure3(recipe: Recipe, names: list[str], out_dir: str | Path, budgets: list
     results = {}
     for name in names:
         curve = {"samples": [], "train_log_likelihood": [], "train_log_likelihood_se": [],
-                 "test_log_likelihood": [], "test_log_likelihood_se": [], "train_seconds": [], "eval_seconds": []}
+                 "test_log_likelihood": [], "test_log_likelihood_se": [], "train_seconds": [], "eval_seconds": [],
+                 "train_values": [], "test_values": []}  # values: per budget, log p(x_i) of each point
         for k, budget in enumerate(budgets):
             r = make_recipe({"max_samples": budget}, base=recipes[name])
             if k == 0:
@@ -121,8 +141,10 @@ def figure3(recipe: Recipe, names: list[str], out_dir: str | Path, budgets: list
                 result = train(r, out_dir / name, progress=progress, dataset=dataset, resume=True, force=True)
             t0 = time.time()
             result.vae.eval()
-            train_ll, train_se = _log_likelihood(result.vae, train_x, hmc)
-            test_ll, test_se = _log_likelihood(result.vae, test_x, hmc)
+            train_values, test_values = _log_likelihood(result.vae, train_x, hmc), _log_likelihood(result.vae, test_x, hmc)
+            (train_ll, train_se), (test_ll, test_se) = mean_se(train_values), mean_se(test_values)
+            curve["train_values"].append(train_values)
+            curve["test_values"].append(test_values)
             curve["samples"].append(result.run_info["samples"])
             curve["train_log_likelihood"].append(train_ll)
             curve["train_log_likelihood_se"].append(train_se)
@@ -178,6 +200,16 @@ def format_table(figure: dict) -> str:
             train = f"{r['train_log_likelihood'][i]:.2f} ± {r['train_log_likelihood_se'][i]:.2f}"
             test = f"{r['test_log_likelihood'][i]:.2f} ± {r['test_log_likelihood_se'][i]:.2f}"
             lines.append(f"{name:<24} {samples:>12,} {train:>18} {test:>18}")
+    names = list(figure["estimators"])
+    if len(names) > 1 and all("train_values" in r for r in figure["estimators"].values()):
+        lines.append(f"\npaired differences from {names[0]} on the same points (nats; ± standard error):")
+        diffs = {split: paired_differences(figure, split) for split in ("train", "test")}
+        for name in names[1:]:
+            for i, samples in enumerate(figure["estimators"][name]["samples"]):
+                if i >= len(diffs["train"][name]):
+                    break
+                train, test = (f"{d[name][i][0]:+.2f} ± {d[name][i][1]:.2f}" for d in (diffs["train"], diffs["test"]))
+                lines.append(f"{name + ' - ' + names[0]:<24} {samples:>12,} {train:>18} {test:>18}")
     return "\n".join(lines)
 
 

@@ -160,6 +160,15 @@ def test_figure3_end_to_end(tmp_path, capsys, shared_data):
         assert r["samples"] == [100, 200]
         for key in ("train_log_likelihood", "test_log_likelihood"):
             assert len(r[key]) == 2 and all(v < 0 for v in r[key])  # log p(x) of 784 binary pixels
+        for split in ("train", "test"):
+            assert [len(v) for v in r[f"{split}_values"]] == [3, 3]
+            mean, se = figure3_module.mean_se(r[f"{split}_values"][1])
+            assert mean == pytest.approx(r[f"{split}_log_likelihood"][1]) and se == pytest.approx(
+                r[f"{split}_log_likelihood_se"][1])
+    assert "paired differences from sgvb-b" in table
+    fake = {"estimators": {"a": {"train_values": [[1.0, 2.0, 4.0]]}, "b": {"train_values": [[2.0, 2.5, 4.5]]}}}
+    (mean, se), = figure3_module.paired_differences(fake, "train")["b"]
+    assert mean == pytest.approx(2 / 3) and se == pytest.approx(1 / 6)  # differences 1, 0.5, 0.5
     assert (out / "figure3.png").is_file()
     with pytest.raises(ConfigError, match="increasing"):
         figure3_module.parse_budgets("1e3,1e2")
