@@ -67,6 +67,7 @@ class CapturedStep:
         device = train.device
         self.idx = torch.zeros(batch_size, dtype=torch.long, device=device)  # static input (M,)
         self.beta = torch.ones((), dtype=train.dtype, device=device)  # static input
+        self._beta = 1.0
         self.graph = None
         self.loss = self.finite = None  # static outputs once captured
         self._eager_steps = 0
@@ -99,7 +100,9 @@ class CapturedStep:
 
     def __call__(self, idx: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
         self.idx.copy_(idx, non_blocking=True)
-        self.beta.fill_(beta)
+        if beta != self._beta:  # a launch only when it changes (KL warm-up)
+            self.beta.fill_(beta)
+            self._beta = beta
         if self.graph is not None:
             self.graph.replay()
             return self.loss, self.finite
