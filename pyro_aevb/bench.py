@@ -29,7 +29,7 @@ import pyro
 from .config import Recipe
 from .estimators import make_estimator
 from .cuda_graphs import WARMUP_STEPS, CapturedStep
-from .fast import ELBOModule, compile_loss
+from .fast import compile_loss
 from .likelihood import DEFAULT_CHUNK_SIZE, chunk_shape, log_likelihood
 from .train import make_optimizer, resolve_device
 from .vae import VAE, build_vae
@@ -66,9 +66,12 @@ def _step_fn(loss_fn, vae, recipe):
 def _graph_step_fn(name: str, vae: VAE, recipe: Recipe, x: torch.Tensor, num_data: int):
     """The CUDA path of training: the whole step (minibatch gather, ELBO, backward, update) as one graph."""
     estimator = make_estimator(name, recipe.num_particles)
+    compiled, reason = compile_loss(name, vae, estimator, x, num_data)
+    if compiled is None:
+        print(f"note: no CUDA graph for {name}: {reason}")
+        return None
     optimizer = make_optimizer(recipe, vae.parameters(), capturable=True)
-    step = CapturedStep(ELBOModule(vae, estimator, num_data), vae.parameters(), optimizer, x, x.shape[0],
-                        binarize=False, grad_clip=0.0)
+    step = CapturedStep(compiled.traced, vae.parameters(), optimizer, x, x.shape[0], binarize=False, grad_clip=0.0)
     idx = torch.arange(x.shape[0], device=x.device)
     for _ in range(WARMUP_STEPS):  # warm-up and capture
         step(idx, 1.0)

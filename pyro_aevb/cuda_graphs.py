@@ -9,9 +9,11 @@ launch, so none of that Python runs again. Recorded here, per step:
 
 1. the minibatch: ``x = train[idx]`` from the device-resident data, binarized
    afresh (``torch.bernoulli``) for grey-scale data with a Bernoulli decoder;
-2. the loss: the Pyro model/guide's ELBO (:class:`pyro_aevb.fast.ELBOModule`,
-   the surrogate-loss sum of ``Trace_ELBO`` / ``TraceMeanField_ELBO``, which
-   has no ``.item()``), its backward pass and gradient clipping;
+2. the loss: the Pyro model/guide's ELBO as traced once by
+   :func:`pyro_aevb.fast.compile_loss` (the surrogate-loss sum of ``Trace_ELBO``
+   / ``TraceMeanField_ELBO``; eager Pyro would read loss values back to the
+   host with ``torch_item``, which a capture forbids), its backward pass and
+   gradient clipping;
 3. a finiteness flag ``isfinite(loss) & isfinite(|grad|)``;
 4. the update, by a capturable optimizer: ``Adagrad(fused=True)`` (its step
    count lives on the device) or ``Adam(capturable=True)``.
@@ -44,7 +46,8 @@ WARMUP_STEPS = 3
 class CapturedStep:
     """``step(idx, beta)``: one full training step on the minibatch ``train[idx]``; returns ``(loss, finite)``.
 
-    :param loss_module: ``(x, beta) -> loss`` (a 0-d tensor), e.g. :class:`pyro_aevb.fast.ELBOModule`.
+    :param loss_module: ``(x, beta) -> loss`` (a 0-d tensor; beta a 0-d tensor), e.g. the ``traced`` module
+        of :func:`pyro_aevb.fast.compile_loss`.
     :param params: every trainable tensor (for clipping and the finiteness check).
     :param optimizer: capturable on CUDA (see :func:`pyro_aevb.train.make_optimizer`).
     :param train: (N, D) training data, resident on the device.

@@ -9,7 +9,9 @@ replayed graph draws fresh noise (``aten::normal``) at every call.
 
 Unlike ``JitTrace_ELBO`` it wraps the VAE as an ``nn.Module``, so parameters
 are module parameters (no param-store round trip), and beta is a tensor input
-(a KL warm-up does not force a re-trace at each step).
+(a KL warm-up does not force a re-trace at each step). On CUDA the traced graph
+is what :mod:`pyro_aevb.cuda_graphs` records into a CUDA graph: its replay reads
+nothing back to the host, whereas eager Pyro calls ``torch_item`` on the loss.
 
 .. warning:: A traced graph has static structure. Priors or guides whose
    control flow depends on values, and estimators that are not plain
@@ -71,19 +73,16 @@ def compile_loss(name: str, vae, estimator, example_x: torch.Tensor, num_data: i
     """Trace the loss of estimator ``name`` once; returns ``(CompiledLoss, None)`` or ``(None, reason)``."""
     if name not in JIT_ESTIMATORS:
         return None, f"estimator '{name}' is not a plain reparameterized ELBO"
-    if example_x.device.type != "cpu":
-        return None, "the JIT path is for the CPU; CUDA uses its own path"
     module = ELBOModule(vae, estimator, num_data)
-    beta = torch.tensor(1.0)
-    rng = torch.get_rng_state()  # tracing draws noise: leave the run's random stream as it was
+    beta = torch.tensor(1.0, device=example_x.device)
+    # tracing draws noise: leave the run's random stream as it was
+    devices = [example_x.device] if example_x.is_cuda else []
     try:
-        with pyro.validation_enabled(False), warnings.catch_warnings():
+        with torch.random.fork_rng(devices=devices), pyro.validation_enabled(False), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # TracerWarnings about Python values becoming constants
             traced = torch.jit.trace(module, (example_x, beta), check_trace=False)
             traced(example_x, beta)  # a second call must work too (it is the one that is optimised)
     except Exception as e:  # anything a static trace cannot express
         first = (str(e).splitlines() or [""])[0]
         return None, f"tracing failed ({type(e).__name__}: {first[:120]})"
-    finally:
-        torch.set_rng_state(rng)
     return CompiledLoss(traced, example_x.device), None

@@ -44,7 +44,7 @@ from .errors import CheckpointError, ConfigError, DataError, Interrupted, Traini
 from .estimators import backward, estimator_parameters, kl_status, make_estimator
 from .evaluation import average_bound
 from .cuda_graphs import CapturedStep, capture_plan
-from .fast import ELBOModule, JIT_ESTIMATORS, compile_loss
+from .fast import compile_loss
 from .plots import manifold_images, plot_bound, save_grid
 from .vae import VAE, build_vae
 
@@ -271,18 +271,17 @@ def train(
         raise TrainingError(f"parameter '{bad[0]}' is non-finite before training; check the initial state")
     kl = kl_status(vae.model, vae.guide, data.train_eval[:M])
     compiled, captured, fast_path = None, None, "off (fast_path = \"off\")"
-    if no_capture is None:
-        captured = CapturedStep(ELBOModule(vae, estimator, N), params.values(), optimizer, data.train, M,
-                                data.binarize, recipe.grad_clip)
-        fast_path = "cuda-graph"
-    elif recipe.fast_path == "auto" and device.type == "cuda" and recipe.estimator in JIT_ESTIMATORS:
-        # Pyro's differentiable_loss reads the loss back (torch_item, warn_if_nan): a host sync per step.
-        # The same ELBO summed as surrogate losses has none.
-        compiled = ELBOModule(vae, estimator, N)
-        fast_path = f"eager Pyro (ELBO module), no CUDA graph: {no_capture}"
-    elif recipe.fast_path == "auto":
+    if recipe.fast_path == "auto":
+        # The traced ELBO: on the CPU it skips Pyro's Python; on CUDA it is also what makes the step
+        # capturable, since eager Pyro reads loss values back to the host (torch_item).
         compiled, reason = compile_loss(recipe.estimator, vae, estimator, data.train_eval[:M].clone(), N)
         fast_path = "jit" if compiled is not None else f"eager Pyro: {reason}"
+        if compiled is not None and no_capture is None:
+            captured = CapturedStep(compiled.traced, params.values(), optimizer, data.train, M, data.binarize,
+                                    recipe.grad_clip)
+            fast_path = "cuda-graph"
+        elif compiled is not None and device.type == "cuda":
+            fast_path = f"jit, no CUDA graph: {no_capture}"
     # Host reads: with check_every > 1 updates are applied unchecked, and flags on the device say which
     # step first went non-finite; they are read back every check_every steps and before any evaluation
     # or checkpoint, so that a checkpoint is always finite. on_nan = "skip" must look before each update.
@@ -391,7 +390,7 @@ def train(
                 # 2.+3. gradient and update, replayed as one CUDA graph once captured
                 loss, finite = captured(idx, beta)
                 if captured.failure is not None and fast_path == "cuda-graph":
-                    fast_path = run_info["fast_path"] = f"eager Pyro (ELBO module): {captured.failure}"
+                    fast_path = run_info["fast_path"] = f"jit: {captured.failure}"
                     tqdm.write(f"notice: {captured.failure}; training continues without the graph")
                 x = None
             else:

@@ -56,7 +56,7 @@ def test_capturable_optimizers_take_the_same_steps(name):
         assert torch.allclose(p, q, rtol=1e-5, atol=1e-6)
 
 
-def test_failed_capture_falls_back_and_trains_as_the_ordinary_loop(tmp_path, monkeypatch):
+def test_failed_capture_falls_back_and_trains_as_the_ordinary_loop(tmp_path, monkeypatch, traced_sampler):
     """Force the CUDA-graph path on a CPU: the warm-up steps run the step's body eagerly, capture then
     fails (the data is not on a GPU), the run says why and goes on; the result equals eager Pyro's."""
     warm = SMALL | {"kl_warmup": 1500}  # beta changes at every step: the static beta buffer must follow
@@ -64,7 +64,7 @@ def test_failed_capture_falls_back_and_trains_as_the_ordinary_loop(tmp_path, mon
     monkeypatch.setattr(train_module, "capture_plan", lambda *a: None)
     result = train(load_recipe(None, warm), tmp_path / "graph", progress=False)
     info = json.loads((tmp_path / "graph" / "run.json").read_text())
-    assert info["fast_path"].startswith("eager Pyro (ELBO module): CUDA graph capture failed")
+    assert info["fast_path"].startswith("jit: CUDA graph capture failed")
     assert "CUDA device" in info["fast_path"]
     ref, got = _final(reference), _final(result)
     moved = max((ref[k] - v).abs().max().item() for k, v in _final(train(

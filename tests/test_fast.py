@@ -14,20 +14,6 @@ from pyro_aevb.train import train
 from pyro_aevb.vae import build_vae
 
 
-@pytest.fixture
-def traced_sampler(monkeypatch):
-    """Eager Normal.rsample draws its noise as the traced graph does (torch.normal(0, 1)), so that
-    "the same seed" means "the same noise" on both paths: eagerly torch uses .normal_(), whose
-    stream differs (torch.distributions.utils._standard_normal, the JIT workaround)."""
-    import torch.distributions.normal as normal_module
-
-    def standard_normal(shape, dtype, device):
-        return torch.normal(torch.zeros(shape, dtype=dtype, device=device),
-                            torch.ones(shape, dtype=dtype, device=device))
-
-    monkeypatch.setattr(normal_module, "_standard_normal", standard_normal)
-
-
 def _grads(vae):
     return {k: p.grad.clone() for k, p in vae.named_parameters()}
 
