@@ -28,6 +28,7 @@ import pyro
 
 from .config import Recipe
 from .estimators import make_estimator
+from .cpu_allocator import tune_cpu_allocator
 from .cuda_graphs import WARMUP_STEPS, CapturedStep
 from .fast import compile_loss
 from .likelihood import DEFAULT_CHUNK_SIZE, chunk_shape, log_likelihood
@@ -174,6 +175,7 @@ def time_paths(paths: dict, rounds: int, steps: int, sync, warmup: int | None = 
 
 def run_bench(device: str = "cpu", quick: bool = False, batch_sizes=(100, 1000)) -> list[dict]:
     dev = resolve_device(device)
+    allocator = tune_cpu_allocator() if dev.type == "cpu" else "the CUDA caching allocator"
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     rounds, steps = (3, 5) if quick else (15, 20)
     recipe = Recipe(hidden_dim=50 if quick else 500, latent_dim=20, init="pytorch")
@@ -188,7 +190,8 @@ def run_bench(device: str = "cpu", quick: bool = False, batch_sizes=(100, 1000))
             rows.append({"path": name, "device": str(dev), "batch_size": m,
                          "network": f"784-{recipe.hidden_dim}-{recipe.latent_dim}",
                          "median_step_seconds": t, "steps_per_second": 1.0 / t, "ratio_to_reference": t / ref,
-                         "threads": torch.get_num_threads(), "rounds": rounds, "steps_per_round": steps})
+                         "threads": torch.get_num_threads(), "rounds": rounds, "steps_per_round": steps,
+                         "allocator": allocator})
     # The evaluation: K = 5000 importance samples on a slice of data (quick: K = 500 on 10 datapoints)
     torch.manual_seed(0)
     n, k = (10, 500) if quick else (50, 5000)

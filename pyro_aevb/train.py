@@ -43,6 +43,7 @@ from .data import Dataset, load_dataset
 from .errors import CheckpointError, ConfigError, DataError, Interrupted, TrainingError
 from .estimators import backward, estimator_parameters, kl_status, make_estimator
 from .evaluation import average_bound
+from .cpu_allocator import tune_cpu_allocator
 from .cuda_graphs import CapturedStep, capture_plan
 from .fast import compile_loss
 from .plots import manifold_images, plot_bound, save_grid
@@ -244,6 +245,7 @@ def train(
     """
     started = time.time()
     device = resolve_device(recipe.device)
+    allocator = tune_cpu_allocator() if device.type == "cpu" else "the CUDA caching allocator"
     run_dir = Path(out_dir)
     payload = _resume_checkpoint(run_dir, recipe, force) if resume else None
     pyro.set_rng_seed(recipe.seed)  # torch, numpy and random
@@ -314,6 +316,7 @@ def train(
             "kl": kl,
             "fast_path": fast_path,
             "sync_every": check_every,
+            "allocator": allocator,
             "device": str(device),
             "seed": recipe.seed,
             "versions": versions(),
