@@ -13,6 +13,7 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
+from .cpu_allocator import tune_cpu_allocator
 from .errors import AEVBError, ConfigError
 
 
@@ -74,6 +75,10 @@ def _evaluate(args) -> None:
     bound = average_bound(vae.model, vae.guide, x, particles, analytic_kl=kl == "analytic")
     result = {"split": args.split, "n": bound.n, "elbo": bound.mean, "elbo_se": bound.se,
               "num_particles": particles, "kl": kl, "run_dir": str(args.run_dir)}
+    if args.chunk_size is None:
+        from .likelihood import DEFAULT_CHUNK_SIZE
+
+        args.chunk_size = DEFAULT_CHUNK_SIZE
     if args.num_samples:
         from .diagnostics import likelihood_summary
 
@@ -159,7 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["cpu", "cuda"])
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--num-samples", type=int, help="also estimate log p(x) by importance sampling with K samples")
-    p.add_argument("--chunk-size", type=int, default=20_000, help="particles x datapoints per pass (memory)")
+    p.add_argument("--chunk-size", type=int,
+                   help="particles x datapoints per pass (memory; default 20000)")
     p.add_argument("--khat-points", type=int, default=100, help="datapoints whose PSIS k-hat is computed")
     p.add_argument("--seed", type=int)
     p.add_argument("--no-progress", action="store_true")
@@ -191,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in argv
     try:
         args = build_parser().parse_args(argv)
+        tune_cpu_allocator()  # every command's CPU work reuses freed memory (see pyro_aevb.cpu_allocator)
         args.func(args)
     except AEVBError as e:
         if debug:

@@ -1,24 +1,29 @@
 """Keep freed memory in the process on the CPU, so that a training step does not page-fault.
 
 A step of the paper's network at M = 100 creates and frees dozens of
-temporaries of 0.1–3 MB (the (M, 784) log-densities and their gradients, the
-optimizer's ``sqrt`` of its accumulators, ...). With glibc's defaults, blocks
-above the mmap threshold (128 kB at first) are returned to the kernel when
-freed and the top of the heap is trimmed, so the next step maps them again
-and touches every page anew: page faults that cost as much as a fifth of a
-step. PyTorch's CPU performance tuning guide recommends an allocator that
-reuses memory (jemalloc or tcmalloc, through ``LD_PRELOAD``) for this reason
-(https://pytorch.org/tutorials/recipes/recipes/tuning_guide.html, "Switch
-Memory allocator"); :func:`tune_cpu_allocator` gets the same reuse from glibc
-itself with ``mallopt``, at run time and without a preload:
+temporaries of 0.1-3 MB (the (M, 784) log-densities and their gradients, the
+optimizer's ``sqrt`` of its accumulators, ...). With glibc's defaults such
+blocks get mappings of their own or are trimmed off the top of the heap when
+freed, i.e. returned to the kernel, so the next step maps that memory again and
+touches every page anew: about 1,150 page faults per step here, which cost up
+to a fifth of the step. PyTorch's CPU performance tuning guide recommends an
+allocator that reuses memory (jemalloc or tcmalloc, through ``LD_PRELOAD``) for
+this reason (https://pytorch.org/tutorials/recipes/recipes/tuning_guide.html,
+"Switch Memory allocator"). :func:`tune_cpu_allocator` gets that reuse from
+glibc itself, at run time and without a preload, with two ``mallopt`` settings:
 
-* ``M_MMAP_THRESHOLD`` = 32 MiB: blocks of a step's size come from the heap;
-* ``M_TRIM_THRESHOLD`` = 512 MiB and ``M_TOP_PAD`` = 64 MiB: freed heap
-  memory stays mapped for the next step.
+* ``M_MMAP_THRESHOLD`` = 32 MiB: blocks of a step's size come from the heap
+  rather than from mappings of their own, unmapped again when freed;
+* ``M_TOP_PAD`` = 64 MiB: the heap grows, and is trimmed back to, 64 MiB beyond
+  what is in use, so that freed memory stays mapped for the next step.
 
-The process keeps up to about half a gigabyte of freed memory mapped instead of
-returning it. ``pyro-aevb bench`` applies it to every path it times, the
-hand-written reference included; measurements are in BENCHMARKS.md.
+That brings the faults to 0.1-20 per step (``tests/test_cpu_allocator.py``), at
+the price of at most 64 MiB of mapped but unused memory. Also raising the trim
+threshold to 512 MiB was a little faster per step, but one K = 5000 evaluation
+then peaked at 8.4 GB instead of 2 GB; the top pad alone left the faults
+unchanged in some processes. ``pyro-aevb bench`` applies the settings to every
+path it times, the hand-written reference included; measurements are in
+BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ import os
 import platform
 
 M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3  # glibc's malloc.h
-SETTINGS = {M_MMAP_THRESHOLD: 32 << 20, M_TRIM_THRESHOLD: 512 << 20, M_TOP_PAD: 64 << 20}
+SETTINGS = {M_MMAP_THRESHOLD: 32 << 20, M_TOP_PAD: 64 << 20}
 
 _applied: str | None = None
 
@@ -53,7 +58,7 @@ def tune_cpu_allocator() -> str:
         except (OSError, AttributeError) as e:
             ok, _applied = False, f"untouched ({type(e).__name__}: {e})"
         if ok:
-            _applied = "glibc mallopt: mmap threshold 32 MiB, trim threshold 512 MiB, top pad 64 MiB"
+            _applied = "glibc mallopt: mmap threshold 32 MiB, top pad 64 MiB"
         elif _applied is None:
             _applied = "untouched (mallopt refused a setting)"
     return _applied

@@ -43,8 +43,10 @@ output, its logits and one temporary of the Bernoulli log-density; z and the
 weights, :math:`O(B N_z)`, are small). For the paper's 784-500-20 MNIST
 network in float32: 4 x B x 2,568 bytes, i.e. 0.2 GB at the default B =
 20,000 (measured on 2 CPU cores: +0.21 GB peak RSS; B = 50,000: +0.52 GB;
-B = 100,000: +0.99 GB). On 2 CPU cores larger passes were not measurably
-faster; on a GPU, larger passes amortize the per-pass tracing overhead.
+B = 100,000: +0.99 GB). On 2 CPU cores the pass size barely matters: K = 5000
+on all 10,000 binarized-MNIST test images took 15.2 min at B = 2,000 and
+12.9-16.7 min at B = 20,000 (BENCHMARKS.md). On a GPU, larger passes amortize
+the per-pass tracing overhead.
 
 References:
   [1] Y. Burda, R. Grosse, R. Salakhutdinov. Importance Weighted Autoencoders. ICLR 2016, arXiv:1509.00519.
@@ -63,6 +65,7 @@ from tqdm.auto import tqdm
 
 import pyro
 
+from .cpu_allocator import tune_cpu_allocator
 from .evaluation import log_weights
 
 #: Default bound on (particle, datapoint) pairs per vectorized pass; see the module docstring for memory.
@@ -127,32 +130,31 @@ def accumulate(
     float64 running sums and the (K, n) log-weights of the first
     ``n = keep_log_weights`` datapoints (``None`` if n = 0).
     """
-    lse_w, lse_w2, kept = [], [], []
+    # Outputs are allocated once, up front: small tensors kept alive between the passes' large
+    # temporaries would pin the heap and let it fragment (glibc), growing the process pass by pass.
+    lse_w = lse_w2 = kept = None
     bar = tqdm(total=num_data * num_samples, unit="sample", unit_scale=True, desc="log p(x)", disable=not progress)
     for r0 in range(0, num_data, rows_per_chunk):
         r1 = min(num_data, r0 + rows_per_chunk)
-        acc_w = acc_w2 = None
-        keep_rows = []
         for k0 in range(0, num_samples, samples_per_chunk):
             k1 = min(num_samples, k0 + samples_per_chunk)
             lw = weight_fn(r0, r1, k0, k1)  # (k1 - k0, r1 - r0)
             if lw.shape != (k1 - k0, r1 - r0):
                 raise ValueError(f"log-weights of shape {tuple(lw.shape)}, expected {(k1 - k0, r1 - r0)}")
+            if lse_w is None:
+                lse_w = torch.full((num_data,), -math.inf, dtype=torch.float64, device=lw.device)
+                lse_w2 = torch.full_like(lse_w, -math.inf)
+                n_keep = min(keep_log_weights, num_data)
+                kept = torch.empty(num_samples, n_keep, dtype=lw.dtype, device=lw.device) if n_keep else None
             lw64 = lw.to(torch.float64)
-            part_w, part_w2 = lw64.logsumexp(0), (2 * lw64).logsumexp(0)  # (r1 - r0,) each
-            if acc_w is None:
-                acc_w, acc_w2 = part_w, part_w2
-            else:
-                acc_w, acc_w2 = torch.logaddexp(acc_w, part_w), torch.logaddexp(acc_w2, part_w2)
+            # running logsumexp over particle chunks; logaddexp(-inf, a) = a starts it
+            torch.logaddexp(lse_w[r0:r1], lw64.logsumexp(0), out=lse_w[r0:r1])
+            torch.logaddexp(lse_w2[r0:r1], (2 * lw64).logsumexp(0), out=lse_w2[r0:r1])
             if r0 < keep_log_weights:
-                keep_rows.append(lw[:, : keep_log_weights - r0].clone())
+                kept[k0:k1, r0 : min(r1, keep_log_weights)] = lw[:, : keep_log_weights - r0]
             bar.update((k1 - k0) * (r1 - r0))
-        lse_w.append(acc_w)
-        lse_w2.append(acc_w2)
-        if keep_rows:
-            kept.append(torch.cat(keep_rows, 0))  # (K, rows kept of this chunk)
     bar.close()
-    return torch.cat(lse_w), torch.cat(lse_w2), torch.cat(kept, 1) if kept else None
+    return lse_w, lse_w2, kept
 
 
 @torch.no_grad()
@@ -197,11 +199,16 @@ def log_likelihood(
         of every pass (a NaN check of all K x rows x D logits), about 20% of
         the time of the paper's MNIST network.
     :returns: a float64 tensor of shape (N,) on x's device, or a :class:`LikelihoodResult`.
+
+    On the CPU it first calls :func:`pyro_aevb.cpu_allocator.tune_cpu_allocator`, so that the passes'
+    temporaries are reused rather than returned to the kernel and page-faulted afresh.
     """
     if x.dim() != 2 or x.shape[0] == 0:
         raise ValueError(f"expected x of shape (N, D) with N >= 1, got {tuple(x.shape)}")
     n = x.shape[0]
     rows, samples = chunk_shape(n, num_samples, chunk_size)
+    if x.device.type == "cpu":
+        tune_cpu_allocator()  # each pass allocates ~chunk_size x (2H + 2D) floats anew
 
     def weight_fn(r0, r1, k0, k1):
         return log_weights(model, guide, x[r0:r1], k1 - k0, **kwargs)
