@@ -45,7 +45,7 @@ network in float32: 4 x B x 2,568 bytes, i.e. 0.2 GB at the default B =
 20,000 (measured on 2 CPU cores: +0.21 GB peak RSS; B = 50,000: +0.52 GB;
 B = 100,000: +0.99 GB). On 2 CPU cores the pass size barely matters: K = 5000
 on all 10,000 binarized-MNIST test images took 15.2 min at B = 2,000 and
-12.9-16.7 min at B = 20,000 (BENCHMARKS.md). On a GPU, larger passes amortize
+10.5 min at B = 20,000, peaking at 1.3 GB (BENCHMARKS.md). On a GPU, larger passes amortize
 the per-pass tracing overhead.
 
 References:
