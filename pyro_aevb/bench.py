@@ -27,7 +27,7 @@ import torch.nn.functional as F
 import pyro
 
 from .config import Recipe
-from .estimators import make_estimator
+from .estimators import kl_status, make_estimator
 from .cpu_allocator import tune_cpu_allocator
 from .cuda_graphs import WARMUP_STEPS, CapturedStep
 from .fast import compile_loss
@@ -67,6 +67,7 @@ def _step_fn(loss_fn, vae, recipe):
 def _graph_step_fn(name: str, vae: VAE, recipe: Recipe, x: torch.Tensor, num_data: int):
     """The CUDA path of training: the whole step (minibatch gather, ELBO, backward, update) as one graph."""
     estimator = make_estimator(name, recipe.num_particles)
+    kl_status(vae.model, vae.guide, x)  # as train() does first
     compiled, reason = compile_loss(name, vae, estimator, x, num_data)
     if compiled is None:
         print(f"note: no CUDA graph for {name}: {reason}")
@@ -99,6 +100,7 @@ def training_paths(recipe: Recipe, x: torch.Tensor, num_data: int) -> dict[str, 
             if graphed is not None:
                 paths[f"{name} cuda-graph (default)"] = graphed
             continue
+        kl_status(v.model, v.guide, x)  # as train() does first: the plate's cached arange becomes a constant
         compiled, reason = compile_loss(name, v, estimator, x, num_data)
         if compiled is not None:
             paths[f"{name} jit (default)"] = _step_fn(lambda c=compiled: c(x, 1.0), v, recipe)
