@@ -39,6 +39,8 @@ from __future__ import annotations
 
 import torch
 
+from .fast import JIT_ESTIMATORS
+
 #: eager steps on a side stream before capture (PyTorch's advice: let lazy state and the allocator settle)
 WARMUP_STEPS = 3
 
@@ -54,19 +56,20 @@ class CapturedStep:
     :param batch_size: M.
     :param binarize: draw x ~ Bernoulli(train[idx]) at each step.
     :param grad_clip: maximal gradient norm (0: none).
-    :param capture: record a CUDA graph after the warm-up; ``False`` runs the very same body eagerly
-        (on any device), which is what the CPU tests check against the ordinary loop.
+
+    After a failed capture (always, on a CPU) the very same body runs eagerly, which is what the CPU
+    tests check against the ordinary loop.
     """
 
     def __init__(self, loss_module, params, optimizer, train: torch.Tensor, batch_size: int,
-                 binarize: bool, grad_clip: float, capture: bool = True):
+                 binarize: bool, grad_clip: float):
         self.loss_module = loss_module
         self.params = list(params)
         self.optimizer = optimizer
         self.train = train
         self.binarize = binarize
         self.max_norm = grad_clip if grad_clip > 0 else float("inf")
-        self.capture = capture
+        self.capture = True  # False once a capture has failed
         device = train.device
         self.idx = torch.zeros(batch_size, dtype=torch.long, device=device)  # static input (M,)
         self.beta = torch.ones((), dtype=train.dtype, device=device)  # static input
@@ -142,8 +145,6 @@ class CapturedStep:
 
 def capture_plan(recipe, estimator_name: str, device: torch.device) -> str | None:
     """None if a run can use :class:`CapturedStep` with capture, else the reason it cannot."""
-    from .fast import JIT_ESTIMATORS
-
     if device.type != "cuda":
         return "CUDA graphs need device = \"cuda\""
     if recipe.fast_path != "auto":

@@ -141,7 +141,8 @@ def figure3(recipe: Recipe, names: list[str], out_dir: str | Path, budgets: list
                 result = train(r, out_dir / name, progress=progress, dataset=dataset, resume=True, force=True)
             t0 = time.time()
             result.vae.eval()
-            train_values, test_values = _log_likelihood(result.vae, train_x, hmc), _log_likelihood(result.vae, test_x, hmc)
+            train_values = _log_likelihood(result.vae, train_x, hmc)
+            test_values = _log_likelihood(result.vae, test_x, hmc)
             (train_ll, train_se), (test_ll, test_se) = mean_se(train_values), mean_se(test_values)
             curve["train_values"].append(train_values)
             curve["test_values"].append(test_values)
@@ -172,24 +173,10 @@ def figure3(recipe: Recipe, names: list[str], out_dir: str | Path, budgets: list
 
 def plot_log_likelihood(results: dict[str, dict], path: Path, title: str = "") -> None:
     """Estimated marginal log-likelihood against training samples: train solid, test dashed, log x-axis."""
-    import matplotlib.pyplot as plt
+    from .plots import plot_train_test
 
-    from . import plots  # noqa: F401  (selects the Agg backend)
-
-    fig, ax = plt.subplots(figsize=(5.5, 4))
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for (name, r), colour in zip(results.items(), colours):
-        ax.plot(r["samples"], r["train_log_likelihood"], "-o", color=colour, ms=3, label=f"{name} train")
-        ax.plot(r["samples"], r["test_log_likelihood"], "--o", color=colour, ms=3, label=f"{name} test")
-    ax.set_xscale("log")
-    ax.set_xlabel("# training samples evaluated")
-    ax.set_ylabel(r"marginal log-likelihood $\log p_\theta(x)$ (nats)")
-    ax.set_title(title)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize="small")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    series = {name: (r["samples"], r["train_log_likelihood"], r["test_log_likelihood"]) for name, r in results.items()}
+    plot_train_test(series, path, r"marginal log-likelihood $\log p_\theta(x)$ (nats)", title, marker="o")
 
 
 def format_table(figure: dict) -> str:

@@ -14,25 +14,22 @@ import torch  # noqa: E402
 from torchvision.utils import make_grid  # noqa: E402
 
 
-def plot_bound(
-    curves: dict[str, list[dict]], path: Path, title: str = "", ax=None, colours: Sequence[str] | None = None
+def plot_train_test(
+    series: dict[str, tuple[list, list, list]], path: Path, ylabel: str, title: str = "", ax=None,
+    colours: Sequence[str] | None = None, marker: str = "",
 ):
-    """Average lower bound per datapoint against training samples evaluated, log x-axis.
-
-    ``curves`` maps a label to its metrics rows (``samples``, ``train_elbo``,
-    ``test_elbo``); train is solid, test dashed, as in the paper's Figure 2.
-    """
+    """``label -> (samples, train values, test values)`` against training samples, log x-axis:
+    train solid, test dashed, as in the paper's Figures 2 and 3. Saves to ``path`` unless ``ax`` is given."""
     own = ax is None
     if own:
         fig, ax = plt.subplots(figsize=(5.5, 4))
     colours = colours or plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for (label, rows), colour in zip(curves.items(), colours):
-        samples = [r["samples"] for r in rows]
-        ax.plot(samples, [r["train_elbo"] for r in rows], "-", color=colour, label=f"{label} train")
-        ax.plot(samples, [r["test_elbo"] for r in rows], "--", color=colour, label=f"{label} test")
+    for (label, (samples, train, test)), colour in zip(series.items(), colours):
+        ax.plot(samples, train, "-" + marker, color=colour, ms=3, label=f"{label} train")
+        ax.plot(samples, test, "--" + marker, color=colour, ms=3, label=f"{label} test")
     ax.set_xscale("log")
     ax.set_xlabel("# training samples evaluated")
-    ax.set_ylabel(r"average lower bound per datapoint $\mathcal{L}$ (nats)")
+    ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize="small")
@@ -41,6 +38,19 @@ def plot_bound(
         fig.savefig(path, dpi=120)
         plt.close(fig)
     return ax
+
+
+def plot_bound(
+    curves: dict[str, list[dict]], path: Path, title: str = "", ax=None, colours: Sequence[str] | None = None
+):
+    """Average lower bound per datapoint against training samples evaluated, log x-axis.
+
+    ``curves`` maps a label to its metrics rows (``samples``, ``train_elbo``,
+    ``test_elbo``); train is solid, test dashed, as in the paper's Figure 2.
+    """
+    series = {label: ([r["samples"] for r in rows], [r["train_elbo"] for r in rows], [r["test_elbo"] for r in rows])
+              for label, rows in curves.items()}
+    return plot_train_test(series, path, r"average lower bound per datapoint $\mathcal{L}$ (nats)", title, ax, colours)
 
 
 def save_grid(images: torch.Tensor, image_shape: tuple[int, int], path: Path, nrow: int = 8, title: str = ""):

@@ -18,6 +18,14 @@ def _clean_pyro_state():
     pyro.clear_param_store()
 
 
+@pytest.fixture
+def lg():
+    """The float64 linear-Gaussian model with closed-form log p(x) (tests/linear_gaussian.py)."""
+    from linear_gaussian import LinearGaussian
+
+    return LinearGaussian()
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """../shared/data (or $PYRO_AEVB_DATA). Missing data is a failure, not a skip: CI has it."""

@@ -22,7 +22,6 @@ import torch
 
 import pyro
 
-from linear_gaussian import LinearGaussian
 from pyro_aevb.amortization import AmortizationGap, amortization_gap, amortization_gap_summary, local_guide
 from pyro_aevb.config import Recipe
 from pyro_aevb.evaluation import elbo_per_datapoint
@@ -34,11 +33,6 @@ BIASED = (1.0, 1.5)
 
 
 pytestmark = pytest.mark.usefixtures("float64_single_thread")
-@pytest.fixture
-def lg():
-    return LinearGaussian()
-
-
 @pytest.fixture
 def x(lg):
     return lg.sample(M, torch.Generator().manual_seed(0))

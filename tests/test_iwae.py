@@ -15,7 +15,6 @@ import torch
 
 import pyro
 
-from linear_gaussian import LinearGaussian
 from pyro_aevb.config import load_recipe
 from pyro_aevb.data import load_dataset
 from pyro_aevb.estimators import make_estimator
@@ -27,11 +26,6 @@ M = 5
 
 
 pytestmark = pytest.mark.usefixtures("float64_single_thread")
-@pytest.fixture
-def lg():
-    return LinearGaussian()
-
-
 @pytest.fixture
 def x(lg):
     return lg.sample(M, torch.Generator().manual_seed(0))

@@ -23,18 +23,13 @@ import torch
 
 import pyro
 
-from linear_gaussian import LinearGaussian, offset_guide_chi2
+from linear_gaussian import offset_guide_chi2
 from pyro_aevb.likelihood import LikelihoodResult, accumulate, chunk_shape, log_likelihood
 
 M = 5  # datapoints
 
 
 pytestmark = pytest.mark.usefixtures("float64_single_thread")
-@pytest.fixture
-def lg():
-    return LinearGaussian()
-
-
 @pytest.fixture
 def x(lg):
     return lg.sample(M, torch.Generator().manual_seed(0))

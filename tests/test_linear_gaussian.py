@@ -56,11 +56,6 @@ def _float64():
 
 
 @pytest.fixture
-def lg():
-    return LinearGaussian()
-
-
-@pytest.fixture
 def x(lg):
     return lg.sample(M, torch.Generator().manual_seed(0))
 

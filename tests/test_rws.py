@@ -21,7 +21,7 @@ import torch
 
 import pyro
 
-from linear_gaussian import DiagonalGuide, LinearGaussian
+from linear_gaussian import DiagonalGuide
 from pyro_aevb.config import load_recipe
 from pyro_aevb.data import load_dataset
 from pyro_aevb.estimators import make_estimator
@@ -32,11 +32,6 @@ NUM_DATA = 15  # for a batch of M = 5: the plate's N/M = 3
 
 
 pytestmark = pytest.mark.usefixtures("float64_single_thread")
-@pytest.fixture
-def lg():
-    return LinearGaussian()
-
-
 @pytest.fixture
 def x(lg):
     """A batch where normalising over the whole batch would go wrong: a duplicate and an outlier."""
