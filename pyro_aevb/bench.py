@@ -30,7 +30,7 @@ from .config import Recipe
 from .estimators import kl_status, make_estimator
 from .cpu_allocator import tune_cpu_allocator
 from .cuda_graphs import WARMUP_STEPS, CapturedStep
-from .fast import compile_loss
+from .fast import COMPILE_MIN_STEPS, compile_loss
 from .likelihood import DEFAULT_CHUNK_SIZE, chunk_shape, log_likelihood
 from .train import make_optimizer, resolve_device
 from .vae import VAE, build_vae
@@ -83,8 +83,15 @@ def _graph_step_fn(name: str, vae: VAE, recipe: Recipe, x: torch.Tensor, num_dat
     return lambda: step(idx, 1.0)[0]
 
 
-def training_paths(recipe: Recipe, x: torch.Tensor, num_data: int) -> dict[str, callable]:
-    """One step function per path, each on its own copy of the same initial parameters."""
+#: the CPU fast paths timed, with the runs each is the default for (pyro_aevb.fast.choose_backend)
+CPU_FAST_PATHS = {"jit": f"jit (< {COMPILE_MIN_STEPS:,} steps)", "inductor": "compile (default)"}
+
+
+def training_paths(recipe: Recipe, x: torch.Tensor, num_data: int, compile: bool = True) -> dict[str, callable]:
+    """One step function per path, each on its own copy of the same initial parameters.
+
+    ``compile=False`` leaves out the ``torch.compile`` paths (their first compile takes 10-30 s).
+    """
     base = build_vae(recipe, x.shape[1]).to(x.device)
     paths = {}
     vae = copy.deepcopy(base)
@@ -94,18 +101,21 @@ def training_paths(recipe: Recipe, x: torch.Tensor, num_data: int) -> dict[str, 
         v = copy.deepcopy(base)
         paths[f"{name} eager"] = _step_fn(
             lambda v=v, e=estimator: e.differentiable_loss(v.model, v.guide, x, num_data=num_data), v, recipe)
-        v = copy.deepcopy(base)
         if x.is_cuda:
-            graphed = _graph_step_fn(name, v, recipe, x, num_data)
+            graphed = _graph_step_fn(name, copy.deepcopy(base), recipe, x, num_data)
             if graphed is not None:
                 paths[f"{name} cuda-graph (default)"] = graphed
             continue
-        kl_status(v.model, v.guide, x)  # as train() does first: the plate's cached arange becomes a constant
-        compiled, reason = compile_loss(name, v, estimator, x, num_data)
-        if compiled is not None:
-            paths[f"{name} jit (default)"] = _step_fn(lambda c=compiled: c(x, 1.0), v, recipe)
-        else:
-            print(f"note: no fast path for {name}: {reason}")
+        for backend, label in CPU_FAST_PATHS.items():
+            if backend == "inductor" and not compile:
+                continue
+            v = copy.deepcopy(base)
+            kl_status(v.model, v.guide, x)  # as train() does first: the plate's cached arange becomes a constant
+            compiled, reason = compile_loss(name, v, estimator, x, num_data, backend=backend)
+            if compiled is not None:
+                paths[f"{name} {label}"] = _step_fn(lambda c=compiled: c(x, 1.0), v, recipe)
+            else:
+                print(f"note: no {backend} path for {name}: {reason}")
     return paths
 
 
@@ -186,7 +196,7 @@ def run_bench(device: str = "cpu", quick: bool = False, batch_sizes=(100, 1000))
         torch.manual_seed(0)
         x = torch.rand(m, 784, device=dev).bernoulli()
         with pyro.validation_enabled(False):  # as in a long run's steady state; the fast path has none
-            medians = time_paths(training_paths(recipe, x, num_data=50_000), rounds, steps, sync)
+            medians = time_paths(training_paths(recipe, x, num_data=50_000, compile=not quick), rounds, steps, sync)
         ref = medians["reference"]
         for name, t in medians.items():
             rows.append({"path": name, "device": str(dev), "batch_size": m,
@@ -204,18 +214,18 @@ def run_bench(device: str = "cpu", quick: bool = False, batch_sizes=(100, 1000))
 
 def _print_table(rows: list[dict]) -> None:
     steps = [r for r in rows if "num_samples" not in r]
-    print(f"{'path':<28} {'device':<7} {'M':>5} {'ms/step':>9} {'steps/s':>9} {'ratio':>7}")
+    print(f"{'path':<30} {'device':<7} {'M':>5} {'ms/step':>9} {'steps/s':>9} {'ratio':>7}")
     for r in steps:
-        print(f"{r['path']:<28} {r['device']:<7} {r['batch_size']:>5} {r['median_step_seconds'] * 1e3:>9.3f} "
+        print(f"{r['path']:<30} {r['device']:<7} {r['batch_size']:>5} {r['median_step_seconds'] * 1e3:>9.3f} "
               f"{r['steps_per_second']:>9.1f} {r['ratio_to_reference']:>7.3f}")
     evals = [r for r in rows if "num_samples" in r]
     if evals:
         r = evals[0]
         print(f"\nimportance-sampled log p(x): {r['batch_size']} datapoints x K={r['num_samples']}, "
               f"chunk {r['chunk_size']}, {r['matmul_gflop']:.1f} GFLOP of matrix products")
-        print(f"{'path':<28} {'device':<7} {'seconds':>9} {'GFLOP/s':>9} {'ratio':>7}")
+        print(f"{'path':<30} {'device':<7} {'seconds':>9} {'GFLOP/s':>9} {'ratio':>7}")
         for r in evals:
-            print(f"{r['path']:<28} {r['device']:<7} {r['median_step_seconds']:>9.3f} "
+            print(f"{r['path']:<30} {r['device']:<7} {r['median_step_seconds']:>9.3f} "
                   f"{r['gflops_per_second']:>9.1f} {r['ratio_to_reference']:>7.3f}")
         print(f"log_likelihood reaches {evals[1]['matmul_share']:.0%} of raw torch.mm throughput")
 
@@ -234,5 +244,5 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("bench", help="time training steps against a hand-written PyTorch reference")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--json", action="store_true", help="print a JSON list of results")
-    p.add_argument("--quick", action="store_true", help="a few seconds: small network, few rounds")
+    p.add_argument("--quick", action="store_true", help="a few seconds: small network, few rounds, no torch.compile paths")
     p.set_defaults(func=command)

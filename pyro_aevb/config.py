@@ -66,7 +66,9 @@ class Recipe:
     checkpoint_every: int = 200_000  # write checkpoint.pt every this many training samples
     seed: int = 0  # seeds torch, numpy, random and pyro
     device: str = "cpu"  # "cpu" or "cuda"
-    fast_path: str = "auto"  # "auto": JIT trace (CPU) or CUDA graph (GPU) where it applies, else eager Pyro; "off": eager
+    # "auto": on the CPU torch.compile for runs of >= 20,000 steps, else the JIT trace; on CUDA a CUDA graph;
+    # eager Pyro where none applies. "compile" (CPU) or "jit" force one; "off": eager Pyro
+    fast_path: str = "auto"
     sync_every: int = 0  # steps between host reads of the loss and the finiteness check; 0: 1 on CPU, 50 on CUDA
 
     def to_dict(self) -> dict[str, Any]:
@@ -104,7 +106,7 @@ _CHOICES = {
     "init": ("normal", "pytorch"),
     "optimizer": ("adagrad", "adam"),
     "on_nan": ("error", "skip"),
-    "fast_path": ("auto", "off"),
+    "fast_path": ("auto", "compile", "jit", "off"),
     "device": ("cpu", "cuda"),
 }
 

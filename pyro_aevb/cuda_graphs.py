@@ -148,7 +148,7 @@ def capture_plan(recipe, estimator_name: str, device: torch.device) -> str | Non
     if device.type != "cuda":
         return "CUDA graphs need device = \"cuda\""
     if recipe.fast_path != "auto":
-        return "fast_path = \"off\""
+        return f"fast_path = \"{recipe.fast_path}\""
     if estimator_name not in JIT_ESTIMATORS:
         return f"estimator '{estimator_name}' is not a plain reparameterized ELBO"
     if recipe.on_nan == "skip":

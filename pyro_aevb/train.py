@@ -45,7 +45,7 @@ from .estimators import backward, estimator_parameters, kl_status, make_estimato
 from .evaluation import average_bound
 from .cpu_allocator import tune_cpu_allocator
 from .cuda_graphs import CapturedStep, capture_plan
-from .fast import compile_loss
+from .fast import JIT_ESTIMATORS, choose_backend, compile_loss
 from .plots import manifold_images, plot_bound, save_grid
 from .vae import VAE, build_vae
 
@@ -245,6 +245,9 @@ def train(
     """
     started = time.time()
     device = resolve_device(recipe.device)
+    if device.type == "cuda" and recipe.fast_path == "compile":
+        raise ConfigError('fast_path = "compile" is for the CPU; on CUDA use "auto", which captures the step '
+                          "as a CUDA graph")
     allocator = tune_cpu_allocator() if device.type == "cpu" else "the CUDA caching allocator"
     run_dir = Path(out_dir)
     payload = _resume_checkpoint(run_dir, recipe, force) if resume else None
@@ -272,12 +275,23 @@ def train(
     if bad:
         raise TrainingError(f"parameter '{bad[0]}' is non-finite before training; check the initial state")
     kl = kl_status(vae.model, vae.guide, data.train_eval[:M])
+    steps_per_epoch = N // M  # an epoch is a permutation of the data, in full minibatches
+    total_steps = math.ceil(recipe.max_samples / M)
     compiled, captured, fast_path = None, None, "off (fast_path = \"off\")"
-    if recipe.fast_path == "auto":
+    backend = choose_backend(recipe.fast_path, device, total_steps)
+    if backend is not None:
         # The traced ELBO: on the CPU it skips Pyro's Python; on CUDA it is also what makes the step
         # capturable, since eager Pyro reads loss values back to the host (torch_item).
-        compiled, reason = compile_loss(recipe.estimator, vae, estimator, data.train_eval[:M].clone(), N)
-        fast_path = "jit" if compiled is not None else f"eager Pyro: {reason}"
+        example = data.train_eval[:M].clone()
+        if backend == "inductor" and progress:
+            tqdm.write("compiling the ELBO with torch.compile: 10-30 s the first time, seconds once cached")
+        compiled, reason = compile_loss(recipe.estimator, vae, estimator, example, N, backend=backend)
+        fast_path = backend if compiled is not None else f"eager Pyro: {reason}"
+        if compiled is None and backend == "inductor" and recipe.estimator in JIT_ESTIMATORS:
+            compiled, jit_reason = compile_loss(recipe.estimator, vae, estimator, example, N, backend="jit")
+            fast_path = f"jit: {reason}" if compiled is not None else f"eager Pyro: {jit_reason}"
+            if progress:
+                tqdm.write(f"notice: {reason}; training uses the JIT trace")
         if compiled is not None and no_capture is None:
             captured = CapturedStep(compiled.traced, params.values(), optimizer, data.train, M, data.binarize,
                                     recipe.grad_clip)
@@ -292,8 +306,6 @@ def train(
         check_every = 1
     first_bad = torch.full((), -1, dtype=torch.long, device=device)  # first non-finite step, -1: none
 
-    steps_per_epoch = N // M  # an epoch is a permutation of the data, in full minibatches
-    total_steps = math.ceil(recipe.max_samples / M)
     start_step, train_seconds, perm, nan_skips = 0, 0.0, None, 0
     if payload is not None:
         vae.load_state_dict(payload["model"])

@@ -40,7 +40,8 @@ def test_bench_quick_runs_and_reports():
     assert proc.returncode == 0, proc.stderr
     rows = json.loads(proc.stdout.strip().splitlines()[-1])
     paths = {r["path"] for r in rows}
-    assert {"reference", "sgvb-a eager", "sgvb-b eager", "sgvb-b jit (default)"} <= paths
+    assert {"reference", "sgvb-a eager", "sgvb-b eager", "sgvb-b jit (< 20,000 steps)"} <= paths
+    assert not any("compile" in p for p in paths)  # --quick leaves torch.compile out
     for r in rows:
         assert {"path", "device", "batch_size", "median_step_seconds", "steps_per_second",
                 "ratio_to_reference"} <= set(r)
@@ -50,6 +51,23 @@ def test_bench_quick_runs_and_reports():
     assert mm["path"] == "torch.mm, same shapes" and ll["path"] == "log_likelihood K=500"
     assert ll["ratio_to_reference"] == pytest.approx(ll["median_step_seconds"] / mm["median_step_seconds"])
     assert 0 < ll["matmul_share"] < 2 and ll["gflops_per_second"] > 0
+
+
+def test_bench_times_every_cpu_path_on_the_same_parameters():
+    from pyro_aevb.bench import time_paths, training_paths
+
+    torch.manual_seed(0)
+    x = torch.rand(20, 784).bernoulli()
+    paths = training_paths(Recipe(hidden_dim=16, latent_dim=2, init="pytorch"), x, num_data=1000)
+    assert set(paths) == {"reference"} | {f"{e} {p}" for e in ("sgvb-a", "sgvb-b")
+                                          for p in ("eager", "jit (< 20,000 steps)", "compile (default)")}
+    for e in ("sgvb-a", "sgvb-b"):  # the first step: the same parameters and, from one seed, the same noise
+        torch.manual_seed(1)
+        eager = paths[f"{e} eager"]()
+        torch.manual_seed(1)
+        assert torch.allclose(paths[f"{e} compile (default)"](), eager, rtol=1e-5, atol=0), e
+    times = time_paths(paths, rounds=1, steps=2, sync=lambda: None, warmup=1)
+    assert set(times) == set(paths) and all(t > 0 for t in times.values())
 
 
 def test_bench_cuda_without_cuda_is_one_line():
