@@ -98,10 +98,12 @@ def kl_warmup_beta(recipe: Recipe, samples: int) -> float:
 
 def make_optimizer(recipe: Recipe, params, capturable: bool = False) -> torch.optim.Optimizer:
     """The recipe's optimizer. ``capturable``: one whose step runs inside a CUDA graph (no ``.item()``):
-    the fused Adagrad kernel keeps its step count on the device; Adam has ``capturable=True``."""
+    the fused Adagrad kernel keeps its step count on the device; Adam has ``capturable=True``.
+
+    Adagrad is always the fused kernel: one pass over each parameter instead of five element-wise ops,
+    0.23 against 0.55 ms per step for the paper's network on 2 CPU cores (BENCHMARKS.md)."""
     if recipe.optimizer == "adagrad":
-        extra = {"fused": True} if capturable else {}
-        return torch.optim.Adagrad(params, lr=recipe.lr, weight_decay=recipe.weight_decay, **extra)
+        return torch.optim.Adagrad(params, lr=recipe.lr, weight_decay=recipe.weight_decay, fused=True)
     params = list(params)
     on_gpu = any(p.is_cuda for p in params)  # Adam's capturable mode exists for accelerators only
     extra = {"capturable": True, "foreach": True} if capturable and on_gpu else {}
