@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import torch
 
+from .data import binarize
 from .fast import JIT_ESTIMATORS
 
 #: eager steps on a side stream before capture (PyTorch's advice: let lazy state and the allocator settle)
@@ -82,7 +83,7 @@ class CapturedStep:
     def _body(self) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.train[self.idx]  # (M, D)
         if self.binarize:
-            x = torch.bernoulli(x)
+            x = binarize(x)
         loss = self.loss_module(x, self.beta)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_norm)

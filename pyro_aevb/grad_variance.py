@@ -44,6 +44,7 @@ import torch
 
 import pyro
 
+from .data import binarize
 from .errors import ConfigError
 from .estimators import backward, make_estimator
 
@@ -284,7 +285,7 @@ def _command(args) -> None:
 
     def batch() -> torch.Tensor:
         x = data.train[torch.randint(N, (M,), generator=gen).to(device)]
-        return torch.bernoulli(x) if data.binarize else x
+        return binarize(x) if data.binarize else x
 
     x = batch()  # the one fixed minibatch
     results, fits = measure(vae, x, N, args.draws, batches=batch, baseline_steps=args.baseline_steps,

@@ -39,7 +39,7 @@ from pyro.poutine.util import site_is_subsample
 from . import __version__
 from .checkpoint import atomic_write, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import Recipe, recipe_diff
-from .data import Dataset, load_dataset
+from .data import Dataset, binarize, load_dataset
 from .errors import CheckpointError, ConfigError, DataError, Interrupted, TrainingError
 from .estimators import backward, estimator_parameters, kl_status, make_estimator
 from .evaluation import average_bound
@@ -413,7 +413,7 @@ def train(
             else:
                 x = data.train[idx]  # (M, D)
                 if data.binarize:
-                    x = torch.bernoulli(x)
+                    x = binarize(x)
                 # 2. gradient of the scaled minibatch bound
                 optimizer.zero_grad(set_to_none=True)
                 try:

@@ -343,3 +343,17 @@ def test_download_into_read_only_dir(monkeypatch, tmp_path, shared_dir):
     monkeypatch.setattr(data, "FREY_FACES_URL", file_url(shared_dir / "frey_faces"))
     with pytest.raises(DataError, match=r"frey_rawface\.mat not found .*PYRO_AEVB_DATA"):
         load_dataset("frey-faces", ro)
+
+
+def test_binarize_draws_bernoulli_pixels():
+    """Dynamic binarization: binary values of x's dtype, P(pixel = 1) = x exactly at 0 and 1, and the
+    frequency over 20,000 draws within 5 standard errors of x elsewhere."""
+    torch.manual_seed(0)
+    x = torch.tensor([0.0, 1e-3, 0.25, 0.5, 0.9, 1.0])
+    draws = torch.stack([data.binarize(x) for _ in range(20_000)])  # (20000, 6)
+    assert draws.dtype == x.dtype and set(draws.unique().tolist()) <= {0.0, 1.0}
+    freq = draws.mean(0)
+    assert freq[0] == 0 and freq[-1] == 1
+    se = (x * (1 - x) / draws.shape[0]).sqrt()
+    assert ((freq - x).abs()[1:-1] < 5 * se[1:-1] + 1e-4).all(), (freq, x)
+    assert not torch.equal(data.binarize(x.expand(100, 6)), data.binarize(x.expand(100, 6)))  # fresh draws
