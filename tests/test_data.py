@@ -357,3 +357,8 @@ def test_binarize_draws_bernoulli_pixels():
     se = (x * (1 - x) / draws.shape[0]).sqrt()
     assert ((freq - x).abs()[1:-1] < 5 * se[1:-1] + 1e-4).all(), (freq, x)
     assert not torch.equal(data.binarize(x.expand(100, 6)), data.binarize(x.expand(100, 6)))  # fresh draws
+    grey = torch.rand(100, 784)
+    torch.manual_seed(1)
+    expected = torch.bernoulli(grey)
+    torch.manual_seed(1)
+    assert torch.equal(data.binarize(grey), expected)  # torch's CPU kernel draws u < x from the same stream
