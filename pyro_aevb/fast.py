@@ -47,8 +47,8 @@ import pyro.infer.trace_mean_field_elbo
 JIT_ESTIMATORS = ("sgvb-a", "sgvb-b")
 #: the backends of :func:`compile_loss`
 BACKENDS = ("inductor", "jit")
-#: ``fast_path = "auto"`` compiles (backend "inductor") CPU runs of at least this many steps: a compile
-#: costs 10-30 s cold and saves about 0.4 ms per step of the paper's network against the JIT (BENCHMARKS.md)
+#: ``fast_path = "auto"`` compiles (backend "inductor") CPU runs of at least this many steps: compiling
+#: costs 5-20 s more than tracing and saves 0.3-0.7 ms per step of the paper's network (BENCHMARKS.md)
 COMPILE_MIN_STEPS = 20_000
 
 
