@@ -138,6 +138,32 @@ def _loss_values_unread():
         yield
 
 
+#: operations whose result's shape depends on tensor values (with a boolean index, for aten.index*)
+_DATA_DEPENDENT = ("aten.nonzero", "aten.masked_select", "aten.argwhere", "aten.unique", "aten._unique",
+                   "aten.unique_consecutive")
+_INDEXING = ("aten.index.Tensor", "aten.index_put", "aten.index_put_", "aten._index_put_impl_")
+
+
+def _data_dependent_shape(graph: torch.fx.GraphModule) -> str | None:
+    """The first operation of a ``make_fx`` graph whose output shape depends on the data, or None.
+
+    ``make_fx`` records such a shape as the constant it had at trace time (``x[mask]`` with 21 true
+    entries becomes a view of 21 elements), so replaying the graph would break or be wrong."""
+    for node in graph.graph.nodes:
+        if node.op != "call_function":
+            continue
+        name = str(node.target).rsplit(".default", 1)[0]
+        if name.startswith(_DATA_DEPENDENT):
+            return name
+        if name in _INDEXING:
+            indices = node.args[1] if len(node.args) > 1 else ()
+            for index in indices if isinstance(indices, (list, tuple)) else (indices,):
+                value = getattr(index, "meta", {}).get("val")
+                if value is not None and value.dtype in (torch.bool, torch.uint8):
+                    return f"{name} with a boolean mask"
+    return None
+
+
 def _inductor(module: ELBOModule, example_x: torch.Tensor, beta: torch.Tensor):
     """``(x, beta) -> loss``: the ELBO recorded as ATen operations, compiled by TorchInductor.
 
@@ -153,8 +179,12 @@ def _inductor(module: ELBOModule, example_x: torch.Tensor, beta: torch.Tensor):
 
     with _loss_values_unread():
         graph = make_fx(loss)(example_x, beta, *tensors)
-    # fallback_random: draw noise with ATen's generator, as eager Pyro does, not inductor's own
-    compiled = torch.compile(graph, dynamic=False, options={"fallback_random": True})
+    data_dependent = _data_dependent_shape(graph)
+    if data_dependent is not None:  # make_fx froze a shape that the data decides: replays would break
+        raise NotImplementedError(f"a shape depends on the data: {data_dependent}")
+    # fallback_random: draw noise with ATen's generator, as eager Pyro does, not inductor's own.
+    # fullgraph: one graph, so forward and backward are one compiled function each, or an error here.
+    compiled = torch.compile(graph, dynamic=False, fullgraph=True, options={"fallback_random": True})
     shape = tuple(example_x.shape)
 
     def call(x: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
@@ -167,10 +197,8 @@ def _inductor(module: ELBOModule, example_x: torch.Tensor, beta: torch.Tensor):
     level = logger.level
     logger.setLevel(logging.ERROR)
     try:  # compile now, the backward too, so that a failure falls back here and not mid-run
-        grads = [t.grad for t in tensors]
-        call(example_x, beta).backward()
-        for t, g in zip(tensors, grads):
-            t.grad = g
+        trainable = [t for t in tensors if t.requires_grad]
+        torch.autograd.grad(call(example_x, beta), trainable, allow_unused=True)  # leaves .grad alone
     finally:
         logger.setLevel(level)
     return call

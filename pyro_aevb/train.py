@@ -100,10 +100,14 @@ def make_optimizer(recipe: Recipe, params, capturable: bool = False) -> torch.op
     """The recipe's optimizer. ``capturable``: one whose step runs inside a CUDA graph (no ``.item()``):
     the fused Adagrad kernel keeps its step count on the device; Adam has ``capturable=True``.
 
-    Adagrad is always the fused kernel: one pass over each parameter instead of five element-wise ops,
+    Adagrad is the fused kernel where this torch has one: one pass over each parameter instead of five element-wise ops,
     0.23 against 0.55 ms per step for the paper's network on 2 CPU cores (BENCHMARKS.md)."""
     if recipe.optimizer == "adagrad":
-        return torch.optim.Adagrad(params, lr=recipe.lr, weight_decay=recipe.weight_decay, fused=True)
+        params = list(params)
+        try:
+            return torch.optim.Adagrad(params, lr=recipe.lr, weight_decay=recipe.weight_decay, fused=True)
+        except (TypeError, RuntimeError, ValueError):  # torch < 2.4 (CPU) or < 2.8 (CUDA) has no fused Adagrad
+            return torch.optim.Adagrad(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
     params = list(params)
     on_gpu = any(p.is_cuda for p in params)  # Adam's capturable mode exists for accelerators only
     extra = {"capturable": True, "foreach": True} if capturable and on_gpu else {}
@@ -284,8 +288,10 @@ def train(
     if backend is not None:
         # The traced ELBO: on the CPU it skips Pyro's Python; on CUDA it is also what makes the step
         # capturable, since eager Pyro reads loss values back to the host (torch_item).
-        example = data.train_eval[:M].clone()
-        if backend == "inductor" and progress:
+        example = data.train[:M].clone()  # (M, D): the inductor graph is specialised to the minibatch shape
+        if data.binarize:
+            example = example.round()  # binary, like the minibatches, without drawing from the run's RNG
+        if backend == "inductor" and progress and recipe.estimator in JIT_ESTIMATORS:
             tqdm.write("compiling the ELBO with torch.compile: 10-30 s the first time, seconds once cached")
         compiled, reason = compile_loss(recipe.estimator, vae, estimator, example, N, backend=backend)
         fast_path = backend if compiled is not None else f"eager Pyro: {reason}"
@@ -319,6 +325,7 @@ def train(
         set_rng_state(payload["rng"])
         run_info = json.loads((run_dir / "run.json").read_text())
         run_info.setdefault("resumed_at_steps", []).append(start_step)
+        run_info.setdefault("resumed_fast_paths", []).append(fast_path)  # may differ: max_samples, machine
         metrics = _truncate_metrics(run_dir / "metrics.jsonl", start_step)
     else:
         # Only now, with every input checked, is anything written.

@@ -45,5 +45,6 @@ def test_tuned_allocator_removes_the_page_faults_of_a_training_step():
     assert status == "untouched (PYRO_AEVB_MALLOC_TUNING=0)"
     status, tuned = _faults_per_step("1")
     assert status == "glibc mallopt: mmap threshold 32 MiB, top pad 64 MiB"
-    # measured: about 1,150 minor page faults per step untuned, 0.1 to 20 tuned
-    assert untuned > 500 and tuned < untuned / 5, (untuned, tuned)
+    # measured on one thread: about 1,150 minor page faults per step untuned with the per-parameter
+    # Adagrad loop, about 240 with the fused Adagrad (it makes no temporaries), 0.1 to 20 tuned
+    assert untuned > 100 and tuned < untuned / 5, (untuned, tuned)

@@ -53,6 +53,40 @@ def test_compiled_loss_and_gradients_equal_eager_pyro(backend, name, particles, 
             compiled(x[:10], 1.0)
 
 
+@pytest.mark.parametrize("prior, options", [("gaussian", {}), ("mog", {"components": 3}), ("vamp", {"components": 4}),
+                                            ("flow", {"kind": "affine-autoregressive"})])
+def test_compiled_loss_with_each_learned_prior_equals_eager_pyro(prior, options):
+    """Priors with parameters (and VampPrior's use of the encoder) are graph inputs too."""
+    torch.manual_seed(0)
+    vae = build_vae(Recipe(latent_dim=3, hidden_dim=16, prior=prior, prior_options=options), 784)
+    x = torch.rand(20, 784).bernoulli()
+    estimator = make_estimator("sgvb-a", 2)
+    compiled, reason = compile_loss("sgvb-a", vae, estimator, x, num_data=400, backend="inductor")
+    assert compiled is not None, reason
+    torch.manual_seed(1)
+    eager = estimator.differentiable_loss(vae.model, vae.guide, x, num_data=400)
+    vae.zero_grad()
+    eager.backward()
+    g_eager = _grads(vae)
+    torch.manual_seed(1)
+    fast = compiled(x, 1.0)
+    vae.zero_grad()
+    fast.backward()
+    assert torch.allclose(fast, eager, rtol=1e-5, atol=0), (fast.item(), eager.item())
+    for k, g in _grads(vae).items():
+        assert torch.allclose(g, g_eager[k], rtol=1e-4, atol=1e-4), k
+
+
+def test_a_shape_that_depends_on_the_data_is_refused():
+    """A spline flow indexes with a boolean mask (how many z fall inside its bound): make_fx would freeze
+    that count, so the compiled backend refuses the graph instead of breaking later."""
+    torch.manual_seed(0)
+    vae = build_vae(Recipe(latent_dim=4, hidden_dim=16, prior="flow", prior_options={"kind": "spline-coupling"}), 784)
+    x = torch.rand(30, 784).bernoulli()
+    compiled, reason = compile_loss("sgvb-a", vae, make_estimator("sgvb-a", 2), x, num_data=600, backend="inductor")
+    assert compiled is None and "a shape depends on the data: aten.index.Tensor with a boolean mask" in reason
+
+
 def test_compiled_loss_draws_eager_pyros_noise():
     """With no patching at all, a seed gives the compiled loss the very noise eager Pyro draws,
     and an optimizer update reaches the compiled graph (parameters are inputs, not constants)."""
@@ -113,8 +147,9 @@ def test_falls_back_with_a_logged_reason(tmp_path, monkeypatch):
 @pytest.mark.parametrize("fast_path, used", [("auto", "jit"), ("compile", "inductor"),
                                              ("off", 'off (fast_path = "off")')])
 def test_fast_and_eager_training_agree(tmp_path, fast_path, used, traced_sampler):
+    # eval_train_size < batch_size: the traced example must still be a full minibatch
     recipe = load_recipe(None, {"max_samples": 1000, "eval_every": 1000, "hidden_dim": 32, "latent_dim": 2,
-                                "kl_warmup": 500, "fast_path": fast_path})
+                                "kl_warmup": 500, "fast_path": fast_path, "eval_train_size": 50})
     result = train(recipe, tmp_path / "r", progress=False)
     assert result.run_info["fast_path"] == used
     ref = train(load_recipe(None, recipe.to_dict() | {"fast_path": "off"}), tmp_path / "ref", progress=False)

@@ -70,6 +70,7 @@ def test_sigkill_at_random_steps_then_resume_is_bit_identical(reference, tmp_pat
     assert_same_run(run, reference)
     info = json.loads((run / "run.json").read_text())
     assert len(info["resumed_at_steps"]) == 5
+    assert info["resumed_fast_paths"] == [info["fast_path"]] * 5  # each segment's path, recorded
 
 
 def test_sigkill_at_a_random_moment_then_resume(reference, tmp_path):
