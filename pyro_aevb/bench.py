@@ -238,6 +238,9 @@ def command(args) -> None:
         _print_table(rows)
         print(f"(median of interleaved rounds; ratio = path / hand-written PyTorch reference; "
               f"{torch.get_num_threads()} threads; torch {torch.__version__}, pyro {pyro.__version__})")
+        if args.quick and args.device == "cpu":
+            print("(--quick leaves out the torch.compile paths, the default for runs of "
+                  f"{COMPILE_MIN_STEPS:,} steps or more: their first compile takes 10-30 s)")
 
 
 def register(subparsers) -> None:
