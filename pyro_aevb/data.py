@@ -128,8 +128,6 @@ def validate(ds: Dataset) -> None:
                             f"expected ({getattr(ds, split).shape[0]},)")
 
 
-# --------------------------------------------------------------------------- files
-
 def binarize(x: torch.Tensor) -> torch.Tensor:
     r"""A fresh binary image per call: pixel :math:`d` is 1 with probability :math:`x_d`, drawn as
     :math:`u_d < x_d` with :math:`u_d \sim U[0, 1)` (dynamic binarization of grey-scale data).
@@ -140,6 +138,8 @@ def binarize(x: torch.Tensor) -> torch.Tensor:
     """
     return (torch.rand_like(x) < x).to(x.dtype)
 
+
+# --------------------------------------------------------------------------- files
 
 def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path | None:
     """The explicit ``data_dir``, else ``$PYRO_AEVB_DATA``, else None."""

@@ -119,9 +119,9 @@ def compile_loss(name: str, vae, estimator, example_x: torch.Tensor, num_data: i
             warnings.simplefilter("ignore")  # TracerWarnings about Python values becoming constants
             if backend == "jit":
                 traced = torch.jit.trace(module, (example_x, beta), check_trace=False)
+                traced(example_x, beta)  # a second call must work too (it is the one that is optimised)
             else:
-                traced = _inductor(module, example_x, beta)
-            traced(example_x, beta)  # a second call must work too (it is the one that is optimised)
+                traced = _inductor(module, example_x, beta)  # runs forward and backward once
     except Exception as e:  # anything a static trace, or the compiler, cannot express
         first = (str(e).splitlines() or [""])[0]
         what = "tracing" if backend == "jit" else "torch.compile"
