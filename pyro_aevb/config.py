@@ -10,13 +10,20 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import tomllib
 import inspect
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+from .data import DATASETS
 from .errors import ConfigError
+from .generative.priors import resolve_prior_factory
+from .infer.registry import ESTIMATORS
 
 #: Where the recipes shipped with the project live (``models/`` at the repo root).
 RECIPE_DIR = Path(__file__).resolve().parent.parent / "models"
@@ -38,13 +45,13 @@ class Recipe:
     latent_dim: int = 20  # Nz
     hidden_dim: int = 500  # hidden units of the encoder and the decoder MLPs
     likelihood: str = "bernoulli"  # "bernoulli" (binary data) or "gaussian" (real-valued, Frey Face)
-    prior: str = "standard-normal"  # p(z): a name in pyro_aevb.priors.PRIORS, "module:factory" or "file.py:factory"
+    prior: str = "standard-normal"  # p(z): a name in pyro_aevb.generative.priors.PRIORS, "module:factory" or "file.py:factory"
     prior_options: dict = field(default_factory=dict)  # the prior's own keys, as a [prior_options] table
     init: str = "pytorch"  # "pytorch": nn.Linear's default (trains faster here); "normal": N(0, init_scale^2), the paper's
     init_scale: float = 0.01  # std of the paper's initialisation
 
     # --- the estimator (SGVB A/B, Section 2.3) ---
-    estimator: str = "sgvb-b"  # a name in pyro_aevb.estimators.ESTIMATORS
+    estimator: str = "sgvb-b"  # a name in pyro_aevb.infer.registry.ESTIMATORS
     estimator_options: dict = field(default_factory=dict)  # the estimator's own keys, as a [estimator_options] table
     num_particles: int = 1  # L, samples of z per datapoint
     beta: float = 1.0  # weight of the KL (latent site's log-densities), > 0; 1 is the true ELBO
@@ -185,10 +192,6 @@ def make_recipe(overrides: dict[str, Any], base: Recipe | None = None) -> Recipe
 
 def _check_registered(values: dict[str, Any]) -> None:
     """Names that select from a registry must be registered (read at call time: registries grow)."""
-    from .data import DATASETS
-    from .estimators import ESTIMATORS
-    from .priors import resolve_prior_factory
-
     for key, registry, what in (("dataset", DATASETS, "datasets"), ("estimator", ESTIMATORS, "estimators")):
         if values[key] not in registry:
             raise ConfigError(f"unknown {key} '{values[key]}'; valid {what}: {', '.join(sorted(registry))}")
@@ -218,6 +221,14 @@ def check_options(factory, options: dict[str, Any], table: str, owner: str) -> d
     return checked
 
 
+def parse_value(raw: str) -> Any:
+    """A command-line value: a TOML literal (``0.01``, ``true``, ``[300, 300]``), else the bare word itself."""
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw  # a bare word such as adam or sgvb-a
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """Parse one ``--set key=value`` (or ``table.key=value``). Values are TOML literals; bare words are strings.
 
@@ -229,10 +240,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     table, _, sub = key.partition(".")
     if table not in valid_keys():
         raise _unknown_key(table)
-    try:
-        value = tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = raw  # a bare word such as adam or sgvb-a
+    value = parse_value(raw)
     default = getattr(Recipe(), table)
     if isinstance(default, dict):
         if not sub:

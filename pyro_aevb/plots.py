@@ -1,17 +1,18 @@
 """Figures of a run: the bound against training samples (the paper's Fig. 2),
-image grids of samples and reconstructions, and the 2-D learned manifold (Fig. 4)."""
+image grids of samples and reconstructions, and the 2-D learned manifold (Fig. 4).
+
+The backend is left to matplotlib (inline in a notebook); the ``pyro-aevb`` command
+chooses the non-interactive Agg for itself.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Sequence
 
-import matplotlib
-
-matplotlib.use("Agg")  # no display on servers or in CI
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from torchvision.utils import make_grid  # noqa: E402
+import matplotlib.pyplot as plt
+import torch
+from torchvision.utils import make_grid
 
 
 def plot_train_test(

@@ -4,7 +4,7 @@ r"""A linear-Gaussian latent variable model with closed forms, for testing the S
 
     p(z) = \mathcal{N}(0, I_k), \qquad p(x \mid z) = \mathcal{N}(W z + b, \sigma^2 I_d)
 
-written as a Pyro model/guide pair in the style of :class:`pyro_aevb.vae.VAE`:
+written as a Pyro model/guide pair in the style of :class:`pyro_aevb.generative.vae.VAE`:
 a data plate ``"data"`` at dim -1 (with the same ``num_data`` and ``beta``
 keywords), a latent site ``"z"`` and an observed site ``"x"``, both with
 event shape of one dimension.

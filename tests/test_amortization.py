@@ -1,4 +1,4 @@
-"""pyro_aevb.amortization against the linear-Gaussian model's closed forms (float64).
+"""pyro_aevb.evaluation.amortization against the linear-Gaussian model's closed forms (float64).
 
 The default W has orthogonal columns, so the exact posterior is a diagonal
 Gaussian: the guide's family contains it, the approximation gap is 0, and
@@ -22,10 +22,10 @@ import torch
 
 import pyro
 
-from pyro_aevb.amortization import AmortizationGap, amortization_gap, amortization_gap_summary, local_guide
+from pyro_aevb.evaluation.amortization import AmortizationGap, amortization_gap, amortization_gap_summary, local_guide
 from pyro_aevb.config import Recipe
-from pyro_aevb.evaluation import elbo_per_datapoint
-from pyro_aevb.vae import build_vae
+from pyro_aevb.evaluation.bounds import elbo_per_datapoint
+from pyro_aevb.generative.vae import build_vae
 
 M = 5
 #: Loc shifted by 1.0 (2-2.6 posterior sds), 1.5 x the posterior sd: a clearly suboptimal encoder.

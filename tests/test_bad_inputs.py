@@ -9,9 +9,10 @@ import pytest
 import scipy.io
 import torch
 
-from pyro_aevb import cli, data
+from pyro_aevb import data
+from pyro_aevb.commands import cli
 from pyro_aevb.config import load_recipe
-from pyro_aevb.train import train
+from pyro_aevb.training.loop import train
 
 
 @pytest.fixture(scope="module")

@@ -7,10 +7,10 @@ import sys
 import pytest
 import torch
 
-from pyro_aevb.bench import reference_loss
+from pyro_aevb.commands.bench import reference_loss
 from pyro_aevb.config import Recipe
-from pyro_aevb.estimators import make_estimator
-from pyro_aevb.vae import build_vae
+from pyro_aevb.infer.registry import make_estimator
+from pyro_aevb.generative.vae import build_vae
 
 
 @pytest.mark.parametrize("init", ["pytorch", "normal"])
@@ -35,7 +35,7 @@ def test_reference_step_equals_pyro_loss_and_gradients(init):
 
 
 def test_bench_quick_runs_and_reports():
-    proc = subprocess.run([sys.executable, "-m", "pyro_aevb.cli", "bench", "--quick", "--json"],
+    proc = subprocess.run([sys.executable, "-m", "pyro_aevb", "bench", "--quick", "--json"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     rows = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -54,7 +54,7 @@ def test_bench_quick_runs_and_reports():
 
 
 def test_bench_times_every_cpu_path_on_the_same_parameters():
-    from pyro_aevb.bench import time_paths, training_paths
+    from pyro_aevb.commands.bench import time_paths, training_paths
 
     torch.manual_seed(0)
     x = torch.rand(20, 784).bernoulli()
@@ -73,7 +73,7 @@ def test_bench_times_every_cpu_path_on_the_same_parameters():
 def test_bench_cuda_without_cuda_is_one_line():
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    proc = subprocess.run([sys.executable, "-m", "pyro_aevb.cli", "bench", "--device", "cuda"],
+    proc = subprocess.run([sys.executable, "-m", "pyro_aevb", "bench", "--device", "cuda"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().count("\n") == 0 and "CUDA is not available" in proc.stderr
@@ -83,8 +83,8 @@ def test_matmul_shapes_count_the_flops_of_an_importance_sampling_pass():
     """The raw-mm side of the evaluation benchmark does the same matrix products as log_likelihood."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from pyro_aevb.bench import matmul_shapes
-    from pyro_aevb.likelihood import log_likelihood
+    from pyro_aevb.commands.bench import matmul_shapes
+    from pyro_aevb.evaluation.marginal_likelihood import log_likelihood
 
     vae = build_vae(Recipe(latent_dim=7, hidden_dim=30), 784)
     x = torch.rand(6, 784).bernoulli()

@@ -8,13 +8,13 @@ import tomllib
 import pytest
 import torch
 
-from pyro_aevb.checkpoint import load_checkpoint
+from pyro_aevb.training.checkpoint import load_checkpoint
 from pyro_aevb.config import make_recipe
 
 
 def run_cli(*args, cwd=None):
     return subprocess.run(
-        [sys.executable, "-m", "pyro_aevb.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=300
+        [sys.executable, "-m", "pyro_aevb", *args], capture_output=True, text=True, cwd=cwd, timeout=300
     )
 
 

@@ -14,12 +14,12 @@ import json
 import pytest
 import torch
 
-from pyro_aevb import compare as compare_module
-from pyro_aevb import grad_variance
+from pyro_aevb.commands import compare as compare_module
+from pyro_aevb.commands import grad_variance
 from pyro_aevb.config import Recipe, load_recipe
 from pyro_aevb.data import load_dataset
 from pyro_aevb.errors import ConfigError
-from pyro_aevb.vae import build_vae
+from pyro_aevb.generative.vae import build_vae
 
 TINY = ["--set", "max_samples=200", "--set", "eval_every=100", "--set", "hidden_dim=16", "--set", "latent_dim=2",
         "--set", "eval_train_size=200", "--set", "batch_size=50", "--set", "checkpoint_every=200"]
@@ -69,16 +69,14 @@ def test_reparameterised_gradient_has_far_lower_variance_than_score_function():
 
 # --------------------------------------------------------------------------- end to end
 def test_compare_then_grad_variance_end_to_end(tmp_path, monkeypatch, capsys):
-    import pyro_aevb.train
-
     started_from = []
-    real_train = pyro_aevb.train.train
+    real_train = compare_module.train
 
     def recording_train(recipe, out_dir, **kwargs):
         started_from.append(compare_module.state_digest(kwargs["initial_state"]))
         return real_train(recipe, out_dir, **kwargs)
 
-    monkeypatch.setattr(pyro_aevb.train, "train", recording_train)
+    monkeypatch.setattr(compare_module, "train", recording_train)
     out = tmp_path / "cmp"
     _run(["compare", "--estimators", "sgvb-b,wake-sleep,score-function", "--option",
           "score-function:baseline=neural", "--out", str(out), "--no-progress", *TINY])

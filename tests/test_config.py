@@ -101,7 +101,7 @@ def test_fuzz_recipes_accept_or_config_error(overrides):
 
 
 def test_options_tables_are_checked_against_the_factory(monkeypatch):
-    from pyro_aevb import estimators
+    from pyro_aevb.infer import registry as estimators
 
     def fancy(num_particles=1, temperature=1.0, mode="a"):
         raise AssertionError("not built by the parser")

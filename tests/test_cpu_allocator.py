@@ -9,13 +9,13 @@ import pytest
 
 SCRIPT = r"""
 import resource, sys, torch, pyro
-from pyro_aevb.cpu_allocator import tune_cpu_allocator
+from pyro_aevb.training.cpu_allocator import tune_cpu_allocator
 print(tune_cpu_allocator())
-from pyro_aevb.bench import _step_fn
+from pyro_aevb.commands.bench import _step_fn
 from pyro_aevb.config import Recipe
-from pyro_aevb.estimators import make_estimator
-from pyro_aevb.fast import compile_loss
-from pyro_aevb.vae import build_vae
+from pyro_aevb.infer.registry import make_estimator
+from pyro_aevb.training.tracing import compile_loss
+from pyro_aevb.generative.vae import build_vae
 torch.manual_seed(0)
 recipe = Recipe(init="pytorch")  # the paper's 784-500-20 network, M = 100
 vae, x = build_vae(recipe, 784), torch.rand(100, 784).bernoulli()

@@ -7,13 +7,15 @@ import json
 import pytest
 import torch
 
-import pyro_aevb.train as train_module
-from pyro_aevb import priors
-from pyro_aevb.checkpoint import load_checkpoint
+import pyro_aevb.training.setup as training_setup
+import pyro_aevb.training.steps as steps_module
+from pyro_aevb.generative import priors
+from pyro_aevb.training.checkpoint import load_checkpoint
 from pyro_aevb.config import load_recipe
-from pyro_aevb.cuda_graphs import WARMUP_STEPS, capture_plan
+from pyro_aevb.training.cuda_graphs import WARMUP_STEPS, capture_plan
 from pyro_aevb.errors import ConfigError, TrainingError
-from pyro_aevb.train import make_optimizer, train
+from pyro_aevb.training.loop import train
+from pyro_aevb.training.setup import make_optimizer
 
 from test_reliability import PoisonedPrior
 
@@ -61,7 +63,8 @@ def test_failed_capture_falls_back_and_trains_as_the_ordinary_loop(tmp_path, mon
     fails (the data is not on a GPU), the run says why and goes on; the result equals eager Pyro's."""
     warm = SMALL | {"kl_warmup": 1500}  # beta changes at every step: the static beta buffer must follow
     reference = train(load_recipe(None, warm | {"fast_path": "off"}), tmp_path / "ref", progress=False)
-    monkeypatch.setattr(train_module, "capture_plan", lambda *a: None)
+    monkeypatch.setattr(training_setup, "capture_plan", lambda *a: None)
+    monkeypatch.setattr(steps_module, "capture_plan", lambda *a: None)
     result = train(load_recipe(None, warm), tmp_path / "graph", progress=False)
     info = json.loads((tmp_path / "graph" / "run.json").read_text())
     assert info["fast_path"].startswith("jit: CUDA graph capture failed")

@@ -1,4 +1,4 @@
-"""PSIS k-hat, the ArviZ exports and likelihood_summary (pyro_aevb.diagnostics).
+"""PSIS k-hat, the ArviZ exports and likelihood_summary (pyro_aevb.evaluation.diagnostics).
 
 k-hat and the exports are checked on the linear-Gaussian model (float64),
 where the exact posterior is known; likelihood_summary on a tiny VAE (float32).
@@ -17,15 +17,15 @@ import pyro
 
 from linear_gaussian import LinearGaussian
 from pyro_aevb.config import Recipe
-from pyro_aevb.diagnostics import (
+from pyro_aevb.evaluation.diagnostics import (
     guide_inference_data,
     hmc_inference_data,
     khat_summary,
     likelihood_summary,
     psis_khat,
 )
-from pyro_aevb.evaluation import log_weights
-from pyro_aevb.vae import build_vae
+from pyro_aevb.evaluation.bounds import log_weights
+from pyro_aevb.generative.vae import build_vae
 
 M = 5
 

@@ -6,12 +6,12 @@ import pytest
 import torch
 
 import pyro.distributions as dist
-from pyro_aevb import priors
+from pyro_aevb.generative import priors
 from pyro_aevb.config import Recipe, load_recipe
-from pyro_aevb.estimators import make_estimator
-from pyro_aevb.fast import compile_loss
-from pyro_aevb.train import train
-from pyro_aevb.vae import build_vae
+from pyro_aevb.infer.registry import make_estimator
+from pyro_aevb.training.tracing import compile_loss
+from pyro_aevb.training.loop import train
+from pyro_aevb.generative.vae import build_vae
 
 
 def _grads(vae):
@@ -107,7 +107,7 @@ def test_compiled_loss_draws_eager_pyros_noise():
 
 
 def test_auto_compiles_long_cpu_runs_only():
-    from pyro_aevb.fast import COMPILE_MIN_STEPS, choose_backend
+    from pyro_aevb.training.tracing import COMPILE_MIN_STEPS, choose_backend
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert choose_backend("auto", cpu, COMPILE_MIN_STEPS) == "inductor"
@@ -196,10 +196,10 @@ def test_a_nan_initial_parameter_is_named(tmp_path):
 
 
 def test_compile_on_cuda_is_refused_in_one_line(tmp_path, monkeypatch):
-    import pyro_aevb.train as train_module
+    import pyro_aevb.training.setup as training_setup
     from pyro_aevb.errors import ConfigError
 
-    monkeypatch.setattr(train_module, "resolve_device", lambda name: torch.device(name))  # as if CUDA were here
+    monkeypatch.setattr(training_setup, "resolve_device", lambda name: torch.device(name))  # as if CUDA were here
     with pytest.raises(ConfigError, match='fast_path = "compile" is for the CPU; on CUDA use "auto"'):
         train(load_recipe(None, {"device": "cuda", "fast_path": "compile"}), tmp_path / "r", progress=False)
     assert not (tmp_path / "r").exists()

@@ -1,4 +1,4 @@
-"""The Appendix D estimator (pyro_aevb.hmc) against the linear-Gaussian model's closed forms, in float64.
+"""The Appendix D estimator (pyro_aevb.evaluation.appendix_d) against the linear-Gaussian model's closed forms, in float64.
 
 NUTS chains are short (warm-up 100, 2 x 200 draws per datapoint) to keep the
 module to a few seconds a datapoint; every chain is seeded. HMC's posterior
@@ -13,7 +13,8 @@ import torch
 import pyro
 
 from linear_gaussian import W_CORRELATED, LinearGaussian
-from pyro_aevb.hmc import fit_gaussian, hmc_log_likelihood, hmc_posterior_samples, latent_site, log_joint
+from pyro_aevb.evaluation.appendix_d import fit_gaussian, hmc_log_likelihood, hmc_posterior_samples, log_joint_at
+from pyro_aevb.infer.traces import latent_site
 
 L, WARMUP = 200, 100
 
@@ -25,9 +26,9 @@ def test_log_joint_is_prior_plus_likelihood():
     z = torch.randn(6, 2, generator=torch.Generator().manual_seed(1))
     expected = lg.prior().log_prob(z) + lg.likelihood(z).log_prob(x)
     assert latent_site(lg.model, x) == ("z", 2)
-    torch.testing.assert_close(log_joint(lg.model, x, z), expected.detach(), rtol=0, atol=1e-12)
+    torch.testing.assert_close(log_joint_at(lg.model, x, z), expected.detach(), rtol=0, atol=1e-12)
     # a one-dimensional x row is taken as one datapoint
-    torch.testing.assert_close(log_joint(lg.model, x[0], z), expected.detach(), rtol=0, atol=1e-12)
+    torch.testing.assert_close(log_joint_at(lg.model, x[0], z), expected.detach(), rtol=0, atol=1e-12)
 
 
 def test_hmc_log_likelihood_matches_closed_form_on_a_2d_latent():

@@ -1,4 +1,4 @@
-"""The per-datapoint IWAE bound (pyro_aevb.iwae) against the linear-Gaussian closed forms.
+"""The per-datapoint IWAE bound (pyro_aevb.infer.iwae) against the linear-Gaussian closed forms.
 
 With the exact posterior as guide every importance weight is p(x), so the
 bound equals log p(x) for any K and any draw. With a poor guide the expected
@@ -17,10 +17,10 @@ import pyro
 
 from pyro_aevb.config import load_recipe
 from pyro_aevb.data import load_dataset
-from pyro_aevb.estimators import make_estimator
-from pyro_aevb.evaluation import log_weights
-from pyro_aevb.iwae import iwae_bound
-from pyro_aevb.train import train
+from pyro_aevb.infer.registry import make_estimator
+from pyro_aevb.evaluation.bounds import log_weights
+from pyro_aevb.infer.iwae import iwae_bound
+from pyro_aevb.training.loop import train
 
 M = 5
 

@@ -1,4 +1,4 @@
-"""pyro_aevb.likelihood.log_likelihood against the linear-Gaussian model's closed-form log p(x), in float64.
+"""pyro_aevb.evaluation.marginal_likelihood.log_likelihood against the linear-Gaussian model's closed-form log p(x), in float64.
 
 * Exact posterior as the guide: every importance weight equals p(x_i), so the
   estimate is exact for every K and every draw, and ESS = K.
@@ -24,7 +24,7 @@ import torch
 import pyro
 
 from linear_gaussian import offset_guide_chi2
-from pyro_aevb.likelihood import LikelihoodResult, accumulate, chunk_shape, log_likelihood
+from pyro_aevb.evaluation.marginal_likelihood import LikelihoodResult, accumulate, chunk_shape, log_likelihood
 
 M = 5  # datapoints
 

@@ -1,4 +1,4 @@
-"""SGVB estimators A and B (pyro_aevb.estimators) against closed forms and against each other.
+"""SGVB estimators A and B (pyro_aevb.infer.registry) against closed forms and against each other.
 
 The closed forms come from the linear-Gaussian model in ``linear_gaussian.py``
 (exact log p(x), exact posterior, exact ELBO of a diagonal Gaussian guide and
@@ -24,9 +24,9 @@ from pyro import poutine
 
 from linear_gaussian import W_CORRELATED, DiagonalGuide, LinearGaussian
 from pyro_aevb.config import Recipe
-from pyro_aevb.estimators import kl_status, make_estimator
-from pyro_aevb.evaluation import elbo_per_datapoint
-from pyro_aevb.vae import build_vae
+from pyro_aevb.infer.registry import kl_status, make_estimator
+from pyro_aevb.evaluation.bounds import elbo_per_datapoint
+from pyro_aevb.generative.vae import build_vae
 
 ESTIMATORS = ["sgvb-a", "sgvb-b"]
 M = 5  # datapoints of the linear-Gaussian model

@@ -1,4 +1,4 @@
-"""Monte Carlo EM (pyro_aevb.mcem) and ``figure3``: the E-step's posterior, the M-step's gradient, end to end.
+"""Monte Carlo EM (pyro_aevb.infer.mcem) and ``figure3``: the E-step's posterior, the M-step's gradient, end to end.
 
 The E-step and M-step checks use the linear-Gaussian model's closed forms in
 float64: the chains' draws against the exact posterior (within Monte Carlo
@@ -18,14 +18,15 @@ import torch
 import pyro
 
 from linear_gaussian import DTYPE, W_CORRELATED, LinearGaussian
-from pyro_aevb import figure3 as figure3_module
-from pyro_aevb.compare import compare
+from pyro_aevb.commands import figure3 as figure3_module
+from pyro_aevb.commands.compare import compare
 from pyro_aevb.config import load_recipe, make_recipe
 from pyro_aevb.data import load_dataset
 from pyro_aevb.errors import ConfigError
-from pyro_aevb.estimators import ESTIMATORS, make_estimator
-from pyro_aevb.mcem import MonteCarloEM, log_joint_rows
-from pyro_aevb.train import train
+from pyro_aevb.infer.registry import ESTIMATORS, make_estimator
+from pyro_aevb.infer.mcem import MonteCarloEM
+from pyro_aevb.infer.traces import log_joint
+from pyro_aevb.training.loop import train
 
 TINY = {"max_samples": 300, "eval_every": 100, "checkpoint_every": 100, "hidden_dim": 16, "latent_dim": 2,
         "eval_train_size": 200, "batch_size": 50}
@@ -54,11 +55,11 @@ def test_e_step_samples_the_exact_posterior_and_adapts_to_the_target_acceptance(
     assert isinstance(est, MonteCarloEM) and est.needs_indices
     idx = torch.arange(N)
     for _ in range(100):  # burn-in and adaptation
-        est.e_step(lg.model, x, idx, N)
+        est.e_step(lg.model, idx, x)
     assert est.chains.shape == (N, 2) and est.chains.dtype == DTYPE
     draws, accepts = [], []
     for _ in range(200):
-        draws.append(est.e_step(lg.model, x, idx, N).clone())
+        draws.append(est.e_step(lg.model, idx, x).clone())
         accepts.append(float(est.accept_rate))
     mu, cov = lg.posterior(x)
     r = torch.stack(draws) - mu.detach()  # (T, N, 2): draws minus the exact posterior mean
@@ -95,7 +96,7 @@ def test_m_step_gradient_is_the_closed_form_log_joint_gradient_at_the_chains():
     torch.testing.assert_close(grads["b"], lg.b.grad, rtol=1e-10, atol=1e-10)
     # only the minibatch's chains moved from their prior draws; the rest were left alone
     assert est.chains.shape == (N, 2)
-    torch.testing.assert_close(log_joint_rows(lg.model, x, z), lg.prior().log_prob(z) + lg.likelihood(z).log_prob(x))
+    torch.testing.assert_close(log_joint(lg.model, {"z": z}, x), lg.prior().log_prob(z) + lg.likelihood(z).log_prob(x))
 
 
 def test_bad_options_are_config_errors():
@@ -122,7 +123,7 @@ def test_mcem_trains_inside_compare_and_resumes_its_chains_exactly(tmp_path):
     # continue to 500 samples; equal to one uninterrupted run to 500 from the same start
     mcem_recipe = make_recipe({"estimator": "mcem", "max_samples": 500}, base=recipe)
     resumed = train(mcem_recipe, tmp_path / "cmp" / "mcem", progress=False, dataset=dataset, resume=True, force=True)
-    from pyro_aevb.compare import initial_state
+    from pyro_aevb.commands.compare import initial_state
 
     straight = train(mcem_recipe, tmp_path / "straight", progress=False, dataset=dataset,
                      initial_state=initial_state(recipe, dataset))

@@ -18,11 +18,11 @@ import pyro_aevb
 from pyro_aevb.config import RECIPE_DIR, Recipe, load_recipe
 from pyro_aevb.data import load_dataset
 from pyro_aevb.errors import ConfigError
-from pyro_aevb.estimators import kl_status
-from pyro_aevb.evaluation import average_bound, log_weights
-from pyro_aevb.priors import PRIORS, FlowPrior, make_prior
-from pyro_aevb.train import train
-from pyro_aevb.vae import VAE, BernoulliDecoder, Encoder, build_vae
+from pyro_aevb.infer.registry import kl_status
+from pyro_aevb.evaluation.bounds import average_bound, log_weights
+from pyro_aevb.generative.priors import PRIORS, FlowPrior, make_prior
+from pyro_aevb.training.loop import train
+from pyro_aevb.generative.vae import VAE, BernoulliDecoder, Encoder, build_vae
 
 REPO = Path(__file__).resolve().parents[1]
 MY_PRIOR = f"{REPO / 'models' / 'my_prior.py'}:laplace_prior"

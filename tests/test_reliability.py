@@ -8,24 +8,29 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
 import pyro.distributions as dist
-from pyro_aevb import priors
-from pyro_aevb.checkpoint import load_checkpoint
+from pyro_aevb.generative import priors
+from pyro_aevb.training.checkpoint import load_checkpoint
 from pyro_aevb.config import load_recipe
 from pyro_aevb.errors import CheckpointError, DataError, TrainingError
-from pyro_aevb.train import train
+from pyro_aevb.training.loop import train
 
 TINY = ["--set", "max_samples=4000", "--set", "eval_every=500", "--set", "checkpoint_every=700",
         "--set", "hidden_dim=32", "--set", "latent_dim=2", "--seed", "7", "--no-progress"]
 TOTAL_STEPS = 40
 
 
+#: pyro-aevb with the crash and signal hooks of these tests (the library has none)
+HOOKED_CLI = str(Path(__file__).with_name("hooked_cli.py"))
+
+
 def cli(*args, env=None, timeout=300):
-    return subprocess.run([sys.executable, "-m", "pyro_aevb.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, HOOKED_CLI, *args], capture_output=True, text=True,
                           env={**os.environ, **(env or {})}, timeout=timeout)
 
 
@@ -75,7 +80,7 @@ def test_sigkill_at_random_steps_then_resume_is_bit_identical(reference, tmp_pat
 
 def test_sigkill_at_a_random_moment_then_resume(reference, tmp_path):
     run = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "pyro_aevb.cli", "train", *TINY, "--out", str(run)],
+    proc = subprocess.Popen([sys.executable, "-m", "pyro_aevb", "train", *TINY, "--out", str(run)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while not (run / "checkpoint.pt").exists() and time.time() < deadline and proc.poll() is None:
@@ -214,7 +219,7 @@ def test_a_pickle_payload_is_refused(tmp_path, reference):
 
 def test_bernoulli_decoder_rejects_grey_data_with_advice():
     from pyro_aevb.config import Recipe
-    from pyro_aevb.vae import build_vae
+    from pyro_aevb.generative.vae import build_vae
 
     vae = build_vae(Recipe(latent_dim=2, hidden_dim=8), 784)
     with pytest.raises(DataError, match="binarize.*gaussian"):

@@ -1,4 +1,4 @@
-r"""Reweighted wake-sleep (pyro_aevb.rws) against closed forms of the linear-Gaussian model.
+r"""Reweighted wake-sleep (pyro_aevb.infer.rws) against closed forms of the linear-Gaussian model.
 
 * Weights are normalised over K for each datapoint separately (columns of the
   (K, M) matrix sum to 1), not over the whole batch (Pyro's RWS).
@@ -24,9 +24,9 @@ import pyro
 from linear_gaussian import DiagonalGuide
 from pyro_aevb.config import load_recipe
 from pyro_aevb.data import load_dataset
-from pyro_aevb.estimators import make_estimator
-from pyro_aevb.rws import normalized_weights, wake_terms
-from pyro_aevb.train import train
+from pyro_aevb.infer.registry import make_estimator
+from pyro_aevb.infer.rws import normalized_weights, wake_terms
+from pyro_aevb.training.loop import train
 
 NUM_DATA = 15  # for a batch of M = 5: the plate's N/M = 3
 
@@ -47,7 +47,7 @@ def _poor_guide(lg, x):
 def test_weights_normalise_per_datapoint(lg, x):
     guide = _poor_guide(lg, x)
     pyro.set_rng_seed(0)
-    log_w, log_p, log_q = wake_terms(lg.model, guide, x, 200, num_data=NUM_DATA)
+    log_w, log_p, log_q = wake_terms(lg.model, guide, x, num_particles=200, num_data=NUM_DATA)
     assert log_w.shape == (200, 5)
     w = normalized_weights(log_w)
     torch.testing.assert_close(w.sum(0), torch.ones(5), rtol=0, atol=1e-12)

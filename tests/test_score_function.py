@@ -1,4 +1,4 @@
-"""The score-function estimator (pyro_aevb.score_function) against the linear-Gaussian closed forms.
+"""The score-function estimator (pyro_aevb.infer.score_function) against the linear-Gaussian closed forms.
 
 Unbiasedness: with every baseline, the mean of many score-function gradients
 equals the analytic gradient of the closed-form ELBO (float64, a few standard
@@ -23,10 +23,12 @@ from pyro import poutine
 from linear_gaussian import DiagonalGuide, LinearGaussian
 from pyro_aevb.config import Recipe, load_recipe
 from pyro_aevb.data import load_dataset
-from pyro_aevb.estimators import backward, estimator_parameters, make_estimator
-from pyro_aevb.score_function import NonReparam, ScoreFunctionELBO, plate_scale, without_rsample
-from pyro_aevb.train import train
-from pyro_aevb.vae import build_vae
+from pyro_aevb.infer.registry import backward, estimator_parameters, make_estimator
+from pyro_aevb.infer.handlers import NonReparam, without_rsample
+from pyro_aevb.infer.score_function import ScoreFunctionELBO
+from pyro_aevb.infer.traces import plate_scale
+from pyro_aevb.training.loop import train
+from pyro_aevb.generative.vae import build_vae
 
 M, NUM_DATA = 5, 10  # datapoints of the linear-Gaussian model; num_data = 2M exercises the plate's N/M
 PARTICLES, BATCHES = 2000, 25

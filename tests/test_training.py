@@ -7,10 +7,12 @@ import pytest
 import torch
 
 import pyro.distributions as dist
-from pyro_aevb import priors
+from pyro_aevb.generative import priors
 from pyro_aevb.config import RECIPE_DIR, Recipe, load_recipe
 from pyro_aevb.data import load_dataset
-from pyro_aevb.train import kl_warmup_beta, prepare_data, train
+from pyro_aevb.training.loop import train
+from pyro_aevb.training.schedule import kl_warmup_beta
+from pyro_aevb.training.setup import prepare_data
 
 RECIPES = sorted(p.stem for p in RECIPE_DIR.glob("*.toml"))
 
@@ -94,7 +96,7 @@ def test_kl_warmup_schedule():
 def test_dynamic_binarization_of_grey_data():
     recipe = Recipe(eval_train_size=300)
     data = prepare_data(recipe, torch.device("cpu"))
-    assert data.binarize and not data.dataset.binary
+    assert data.dynamic_binarization and not data.dataset.binary
     for x in (data.train_eval, data.test):
         assert ((x == 0) | (x == 1)).all()
     again = prepare_data(recipe, torch.device("cpu"), data.dataset)

@@ -1,4 +1,4 @@
-r"""Wake-sleep (pyro_aevb.wake_sleep) against closed forms of the linear-Gaussian model.
+r"""Wake-sleep (pyro_aevb.infer.wake_sleep) against closed forms of the linear-Gaussian model.
 
 The guide is q(z|x) = N(A x + c, diag s^2) with parameters (A, c, log s). The
 sleep phase draws (z, x) from p(z) p(x|z), z ~ N(0, I), x = W z + b + sigma eps,
@@ -34,9 +34,9 @@ from pyro import poutine
 from linear_gaussian import DTYPE, LinearGaussian, _plate
 from pyro_aevb.config import load_recipe
 from pyro_aevb.data import load_dataset
-from pyro_aevb.estimators import make_estimator
-from pyro_aevb.train import train
-from pyro_aevb.wake_sleep import dream, sleep_log_q
+from pyro_aevb.infer.registry import make_estimator
+from pyro_aevb.training.loop import train
+from pyro_aevb.infer.wake_sleep import dream, sleep_log_q
 
 M, NUM_DATA = 5, 10
 

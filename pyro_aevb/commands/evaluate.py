@@ -1,0 +1,107 @@
+"""``pyro-aevb evaluate``: the bound of a trained run, and on request its importance-sampled
+log-likelihood with PSIS diagnostics, and the amortization gap."""
+
+from __future__ import annotations
+
+import json
+
+import pyro
+
+from ..errors import ConfigError
+from ..evaluation.bounds import average_bound
+from ..evaluation.marginal_likelihood import DEFAULT_CHUNK_SIZE
+from ..infer.registry import kl_status
+from ..training.run_directory import load
+from ..training.setup import prepare_data, resolve_device
+
+
+def _check(args) -> None:
+    if args.num_samples and (args.num_samples <= 0 or args.chunk_size <= 0 or args.khat_points < 0):
+        raise ConfigError("--num-samples and --chunk-size must be positive, --khat-points >= 0")
+    if args.amortization_gap is not None and (args.amortization_gap <= 0 or args.gap_steps < 0 or args.gap_lr <= 0):
+        raise ConfigError("--amortization-gap must be positive, --gap-steps >= 0 and --gap-lr > 0")
+
+
+def command(args) -> None:
+    args.chunk_size = DEFAULT_CHUNK_SIZE if args.chunk_size is None else args.chunk_size
+    _check(args)
+    vae = load(args.run_dir, device=args.device)
+    recipe = vae.recipe
+    if args.data_dir:
+        recipe.data_dir = args.data_dir
+    data = prepare_data(recipe, resolve_device(str(next(vae.parameters()).device)))
+    x = {"test": data.test, "train": data.train_eval}[args.split]
+    kl = kl_status(vae.model, vae.guide, x[: recipe.batch_size])
+    particles = args.num_particles or recipe.eval_particles
+    bound = average_bound(vae.model, vae.guide, x, particles, analytic_kl=kl == "analytic")
+    result = {"split": args.split, "n": bound.n, "elbo": bound.mean, "elbo_se": bound.se,
+              "num_particles": particles, "kl": kl, "run_dir": str(args.run_dir)}
+    if args.num_samples:
+        result.update(_log_likelihood(vae, x, args))
+    if args.amortization_gap is not None:
+        result["amortization_gap"] = _amortization_gap(vae, x, args)
+    print(json.dumps(result) if args.json else _report(result, args))
+
+
+def _log_likelihood(vae, x, args) -> dict:
+    from ..evaluation.diagnostics import likelihood_summary
+
+    if args.seed is not None:
+        pyro.set_rng_seed(args.seed)
+    summary = likelihood_summary(vae.model, vae.guide, x, args.num_samples, args.chunk_size, args.khat_points,
+                                 progress=not args.no_progress)
+    keys = ("log_likelihood", "log_likelihood_se", "num_samples", "ess_mean", "ess_min", "khat")
+    return {k: summary[k] for k in keys}
+
+
+def _amortization_gap(vae, x, args) -> dict:
+    from ..evaluation.amortization import amortization_gap_summary
+
+    if args.seed is not None:
+        pyro.set_rng_seed(args.seed)
+    return amortization_gap_summary(
+        vae.model, vae.guide, x, num_points=args.amortization_gap, num_steps=args.gap_steps, lr=args.gap_lr,
+        num_samples=args.num_samples or 1000, chunk_size=args.chunk_size, progress=not args.no_progress)
+
+
+def _report(result: dict, args) -> str:
+    """The human-readable lines of ``result``."""
+    split = args.split
+    lines = [f"{split}: average lower bound {result['elbo']:.2f} ± {result['elbo_se']:.2f} nats per datapoint "
+             f"(n={result['n']}, L={result['num_particles']}, KL: {result['kl']})"]
+    if args.num_samples:
+        k = result["khat"]
+        lines.append(f"{split}: log-likelihood {result['log_likelihood']:.2f} ± {result['log_likelihood_se']:.2f} "
+                     f"nats per datapoint (importance sampling, K={args.num_samples}); mean ESS "
+                     f"{result['ess_mean']:.1f} of {args.num_samples}; PSIS k-hat on {k['n']} points: "
+                     + ", ".join(f"{name} {count}" for name, count in k["counts"].items()))
+    if args.amortization_gap is not None:
+        g = result["amortization_gap"]
+        lines.append(
+            f"{split}: on {g['n']} datapoints, log p(x) {g['log_likelihood']:.2f} (K={g['num_samples']}), "
+            f"ELBO of the locally optimised q {g['elbo_optimized']:.2f}, of the encoder's q "
+            f"{g['elbo_amortized']:.2f}: approximation gap {g['approximation_gap']:.2f} ± "
+            f"{g['approximation_gap_se']:.2f}, amortization gap {g['amortization_gap']:.2f} ± "
+            f"{g['amortization_gap_se']:.2f} nats ({100 * g['amortization_fraction']:.0f}% of the gap)")
+    return "\n".join(lines)
+
+
+def register(subparsers, help: str = "") -> None:
+    p = subparsers.add_parser("evaluate", help=help, description=help)
+    p.add_argument("run_dir")
+    p.add_argument("--split", choices=["test", "train"], default="test")
+    p.add_argument("--num-particles", type=int, help="samples of z per datapoint (default: the recipe's)")
+    p.add_argument("--data-dir")
+    p.add_argument("--device", choices=["cpu", "cuda"])
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--num-samples", type=int, help="also estimate log p(x) by importance sampling with K samples")
+    p.add_argument("--chunk-size", type=int, help="particles x datapoints per pass (memory; default 20000)")
+    p.add_argument("--khat-points", type=int, default=100, help="datapoints whose PSIS k-hat is computed")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--amortization-gap", type=int, metavar="N",
+                   help="also the approximation and amortization gaps on N datapoints (a fixed random subset); "
+                        "log p(x) uses --num-samples (default 1000)")
+    p.add_argument("--gap-steps", type=int, default=500, help="Adam steps of each local q (default 500)")
+    p.add_argument("--gap-lr", type=float, default=0.02, help="initial Adam step size of each local q (default 0.02)")
+    p.set_defaults(func=command)

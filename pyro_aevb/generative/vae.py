@@ -1,0 +1,176 @@
+r"""The variational auto-encoder of Kingma & Welling (2013) as a Pyro model/guide pair.
+
+Generative model (the paper's Section 3 and Appendix C):
+
+.. math::
+
+    z_i \sim p_\theta(z), \qquad x_i \mid z_i \sim p_\theta(x \mid z_i), \qquad i = 1..N
+
+Recognition model (the amortized guide):
+
+.. math::
+
+    q_\phi(z \mid x_i) = \mathcal{N}\big(z;\ \mu_\phi(x_i),\ \operatorname{diag}\sigma^2_\phi(x_i)\big)
+
+Both run inside ``pyro.plate("data", size=N, subsample=...)``, so a minibatch
+of M datapoints is scaled by N/M to an unbiased estimate of the full-data
+bound (the paper's Eq. 8). The latent site's log-densities, in the model and
+in the guide, are scaled by ``beta`` through ``poutine.scale``: with
+``TraceMeanField_ELBO`` the analytic KL term is then scaled by exactly beta.
+
+References:
+  [1] D. P. Kingma, M. Welling. Auto-Encoding Variational Bayes. ICLR 2014, arXiv:1312.6114.
+  [2] I. Higgins et al. beta-VAE. ICLR 2017 (the beta-weighted KL).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import pyro
+import pyro.distributions as dist
+from pyro import poutine
+from pyro.nn import PyroModule
+
+from ..errors import DataError
+from .priors import check_prior, make_prior
+
+
+def mlp(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
+    """One hidden tanh layer, the paper's network (Appendix C.1)."""
+    return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.Tanh(), nn.Linear(hidden_dim, out_dim))
+
+
+class Encoder(nn.Module):
+    r"""x -> (loc, scale) of :math:`q_\phi(z|x)`; the MLP outputs mu and log sigma^2 (Appendix C.2)."""
+
+    def __init__(self, data_dim: int, hidden_dim: int, latent_dim: int):
+        super().__init__()
+        self.hidden = nn.Sequential(nn.Linear(data_dim, hidden_dim), nn.Tanh())
+        self.loc = nn.Linear(hidden_dim, latent_dim)
+        self.log_var = nn.Linear(hidden_dim, latent_dim)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.hidden(x)  # (..., M, H)
+        return self.loc(h), torch.exp(0.5 * self.log_var(h))  # (..., M, Nz) each
+
+
+class BernoulliDecoder(nn.Module):
+    r""":math:`p_\theta(x|z) = \prod_d \mathrm{Bernoulli}(x_d; \mathrm{sigmoid}(f_\theta(z))_d)`, logits parameterised (Appendix C.1)."""
+
+    def __init__(self, latent_dim: int, hidden_dim: int, data_dim: int):
+        super().__init__()
+        self.logits = mlp(latent_dim, hidden_dim, data_dim)
+
+    def forward(self, z: torch.Tensor) -> dist.TorchDistribution:
+        return dist.Bernoulli(logits=self.logits(z)).to_event(1)
+
+    def mean(self, z: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.logits(z))
+
+
+class GaussianDecoder(nn.Module):
+    r""":math:`p_\theta(x|z) = \mathcal{N}(x; \mathrm{sigmoid}(f_\theta(z)), \operatorname{diag}\exp(s))`.
+
+    The mean is squashed into [0, 1] by a sigmoid, like the paper's Frey Face
+    decoder; ``s`` is a learned per-pixel log-variance, shared across z.
+    """
+
+    def __init__(self, latent_dim: int, hidden_dim: int, data_dim: int):
+        super().__init__()
+        self.loc = mlp(latent_dim, hidden_dim, data_dim)
+        self.log_var = nn.Parameter(torch.zeros(data_dim))
+
+    def forward(self, z: torch.Tensor) -> dist.TorchDistribution:
+        return dist.Normal(self.mean(z), torch.exp(0.5 * self.log_var)).to_event(1)
+
+    def mean(self, z: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.loc(z))
+
+
+DECODERS = {"bernoulli": BernoulliDecoder, "gaussian": GaussianDecoder}
+
+
+class VAE(PyroModule):
+    """The model/guide pair. ``model(x)`` and ``guide(x)`` take x of shape (M, D).
+
+    :param prior: a prior module (see :mod:`pyro_aevb.generative.priors`), called for p(z).
+    :param decoder: a module mapping z to the distribution p(x|z).
+    :param encoder: a module mapping x to the (loc, scale) of q(z|x).
+
+    ``num_data`` (N) scales a minibatch to the full data set; ``None`` means x is
+    the whole data set. ``beta`` weights the latent site (1 gives the ELBO).
+    """
+
+    def __init__(self, prior: nn.Module, encoder: nn.Module, decoder: nn.Module):
+        super().__init__()
+        self.prior = prior
+        self.encoder = encoder
+        self.decoder = decoder
+        self._aranges: dict = {}
+
+    def _plate(self, x: torch.Tensor, num_data: int | None) -> pyro.plate:
+        n = x.shape[-2]
+        key = (n, x.device)
+        if key not in self._aranges:  # reuse: the plate only needs len(subsample) for the N/M scale
+            self._aranges[key] = torch.arange(n, device=x.device)
+        return pyro.plate("data", size=num_data or n, subsample=self._aranges[key], dim=-1)
+
+    def model(self, x: torch.Tensor, num_data: int | None = None, beta: float = 1.0):
+        if isinstance(self.decoder, BernoulliDecoder) and pyro.poutine.util.is_validation_enabled():
+            _check_binary(x)
+        with self._plate(x, num_data):
+            with poutine.scale(scale=beta):
+                z = pyro.sample("z", self.prior())  # (..., M, Nz)
+            pyro.sample("x", self.decoder(z), obs=x)
+        return z
+
+    def guide(self, x: torch.Tensor, num_data: int | None = None, beta: float = 1.0):
+        with self._plate(x, num_data):
+            loc, scale = self.encoder(x)  # (M, Nz) each
+            with poutine.scale(scale=beta):
+                return pyro.sample("z", dist.Normal(loc, scale).to_event(1))
+
+    @torch.no_grad()
+    def sample(self, n: int) -> torch.Tensor:
+        """Decoder means at n draws from the prior, shape (n, D)."""
+        z = self.prior().sample((n,))
+        return self.decoder.mean(z)
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """Decoder means at the encoder's mean of q(z|x), shape (M, D)."""
+        loc, _ = self.encoder(x)
+        return self.decoder.mean(loc)
+
+
+def _check_binary(x: torch.Tensor) -> None:
+    if not torch._C._get_tracing_state() and not ((x == 0) | (x == 1)).all():
+        raise DataError(
+            "the Bernoulli decoder needs binary x, but x has values other than 0 and 1; binarize grey-scale "
+            "images (torch.bernoulli(x), as training does dynamically) or use likelihood = \"gaussian\""
+        )
+
+
+def init_normal_(module: nn.Module, std: float) -> None:
+    """The paper's initialisation: every weight and bias ~ N(0, std^2) (Section 5: N(0, 0.01))."""
+    for sub in module.modules():
+        if isinstance(sub, nn.Linear):
+            nn.init.normal_(sub.weight, 0.0, std)
+            nn.init.normal_(sub.bias, 0.0, std)
+
+
+def build_vae(recipe, data_dim: int) -> VAE:
+    """The VAE a recipe describes (layer sizes, likelihood, prior and initialisation)."""
+    prior = make_prior(recipe.prior, recipe.latent_dim, **recipe.prior_options)
+    encoder = Encoder(data_dim, recipe.hidden_dim, recipe.latent_dim)
+    decoder = DECODERS[recipe.likelihood](recipe.latent_dim, recipe.hidden_dim, data_dim)
+    if recipe.init == "normal":
+        init_normal_(encoder, recipe.init_scale)
+        init_normal_(decoder, recipe.init_scale)
+    vae = VAE(prior, encoder, decoder)
+    if hasattr(prior, "bind"):  # a prior that needs the VAE, e.g. VampPrior uses the encoder
+        prior.bind(vae)
+        check_prior(prior, recipe.latent_dim, recipe.prior)
+    return vae

@@ -1,0 +1,48 @@
+"""What happens when: the data order, beta's warm-up, and the evaluation and checkpoint schedule.
+
+All in training samples (steps x M), so that a recipe's numbers mean the same
+whatever the minibatch size.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import Recipe
+
+
+def kl_warmup_beta(recipe: Recipe, samples: int) -> float:
+    """beta for the step that ends at ``samples`` training samples: rising linearly to ``recipe.beta``
+    over ``kl_warmup`` samples (never 0: Pyro's ``poutine.scale`` needs a positive scale)."""
+    if recipe.kl_warmup <= 0:
+        return recipe.beta
+    return recipe.beta * min(1.0, samples / recipe.kl_warmup)
+
+
+def crosses(before: int, after: int, every: int) -> bool:
+    """Does the step from ``before`` to ``after`` training samples pass a multiple of ``every``?"""
+    return after // every > before // every
+
+
+class EpochOrder:
+    """The data order: a fresh permutation of the N rows at each epoch, cut into full minibatches of M.
+
+    ``perm`` (N,) is the current epoch's permutation; it goes into the checkpoint, so that a resumed run
+    continues the same epoch. The permutation is drawn from torch's global RNG on the data's device.
+    """
+
+    def __init__(self, num_data: int, batch_size: int, device: torch.device, perm: torch.Tensor | None = None):
+        self.num_data, self.batch_size, self.device = num_data, batch_size, device
+        self.steps_per_epoch = num_data // batch_size  # an epoch is a permutation, in full minibatches
+        self.perm = perm
+
+    def indices(self, step: int) -> torch.Tensor:
+        """The rows (M,) of the minibatch of step ``step`` (0-based)."""
+        pos = step % self.steps_per_epoch
+        if pos == 0:
+            self.perm = torch.randperm(self.num_data, device=self.device)
+        return self.perm[pos * self.batch_size : (pos + 1) * self.batch_size]
+
+    def state(self) -> torch.Tensor:
+        """The permutation to checkpoint (the identity before the first step)."""
+        return self.perm.cpu() if self.perm is not None else torch.arange(self.num_data)

@@ -1,0 +1,148 @@
+"""Building a run: the device, the data on it, the seeded VAE, the estimator and the optimizer.
+
+``train``, ``compare`` and ``grad-variance`` all start a model the same way,
+through :func:`initial_vae`, so that the same recipe and seed give the same
+initial parameters everywhere; :func:`build_run` adds what training needs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+import pyro
+
+from ..config import Recipe
+from ..data import Dataset, binarize, load_dataset
+from ..errors import ConfigError, DataError, TrainingError
+from ..generative.vae import VAE, build_vae
+from ..infer.registry import estimator_parameters, kl_status, make_estimator
+from .cuda_graphs import capture_plan
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device 'cuda' requested but CUDA is not available here; use --device cpu")
+    return torch.device(name)
+
+
+@dataclass
+class TrainingData:
+    """The data of a run, resident on the run's device."""
+
+    dataset: Dataset
+    train: torch.Tensor  # (N, D), grey or binary
+    train_eval: torch.Tensor  # (n_eval, D), fixed (binarized once if dynamic)
+    test: torch.Tensor  # (N_test, D), fixed (binarized once if dynamic)
+    dynamic_binarization: bool  # draw fresh binary images from grey-scale pixels at each minibatch
+
+    @property
+    def num_data(self) -> int:
+        return self.train.shape[0]
+
+    def minibatch(self, idx: torch.Tensor) -> torch.Tensor:
+        """The training rows ``idx`` (M,), binarized afresh when binarization is dynamic: (M, D)."""
+        x = self.train[idx]
+        return binarize(x) if self.dynamic_binarization else x
+
+
+def prepare_data(recipe: Recipe, device: torch.device, dataset: Dataset | None = None) -> TrainingData:
+    """Load the data set, check it suits the likelihood, and move it to ``device`` once."""
+    dataset = dataset or load_dataset(recipe.dataset, recipe.data_dir or None)
+    for split, x in (("train", dataset.train), ("test", dataset.test)):
+        if not torch.isfinite(x).all():
+            raise DataError(f"data set '{dataset.name}' ({split}) contains NaN or Inf values")
+        if x.min() < 0 or x.max() > 1:
+            raise DataError(f"data set '{dataset.name}' ({split}) has values outside [0, 1]; rescale it")
+    dynamic = recipe.likelihood == "bernoulli" and not dataset.binary
+    # A fixed generator: the evaluation sets are the same binary images at every evaluation.
+    gen = torch.Generator().manual_seed(recipe.seed + 12345)
+    fixed = (lambda x: torch.bernoulli(x, generator=gen)) if dynamic else (lambda x: x)
+    train_eval = fixed(dataset.train[: recipe.eval_train_size])
+    test = fixed(dataset.test)
+    return TrainingData(dataset, dataset.train.to(device), train_eval.to(device), test.to(device), dynamic)
+
+
+def make_optimizer(recipe: Recipe, params, capturable: bool = False) -> torch.optim.Optimizer:
+    """The recipe's optimizer. ``capturable``: one whose step runs inside a CUDA graph (no ``.item()``):
+    the fused Adagrad kernel keeps its step count on the device; Adam has ``capturable=True``.
+
+    Adagrad is the fused kernel where this torch has one: one pass over each parameter instead of
+    five element-wise ops (BENCHMARKS.md)."""
+    params = list(params)
+    if recipe.optimizer == "adagrad":
+        try:
+            return torch.optim.Adagrad(params, lr=recipe.lr, weight_decay=recipe.weight_decay, fused=True)
+        except (TypeError, RuntimeError, ValueError):  # torch < 2.4 (CPU) or < 2.8 (CUDA) has no fused Adagrad
+            return torch.optim.Adagrad(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
+    on_gpu = any(p.is_cuda for p in params)  # Adam's capturable mode exists for accelerators only
+    extra = {"capturable": True, "foreach": True} if capturable and on_gpu else {}
+    return torch.optim.Adam(params, lr=recipe.lr, weight_decay=recipe.weight_decay, **extra)
+
+
+def initial_vae(recipe: Recipe, data_dim: int, train: torch.Tensor) -> VAE:
+    """The VAE a run starts from: seeded by ``recipe.seed``, built, moved to ``train``'s device, and its
+    prior initialised from the training data ``train`` (N, D) where it has that hook (the VampPrior)."""
+    pyro.set_rng_seed(recipe.seed)  # torch, numpy and random
+    vae = build_vae(recipe, data_dim).to(train.device)
+    if hasattr(vae.prior, "initialize_from_data"):  # e.g. VampPrior's pseudo-inputs from training images
+        vae.prior.initialize_from_data(train)
+    return vae
+
+
+@dataclass
+class Run:
+    """Everything a training run computes with; built once by :func:`build_run`."""
+
+    recipe: Recipe
+    device: torch.device
+    data: TrainingData
+    vae: VAE
+    estimator: object  # an object with Pyro's ELBO interface (pyro_aevb.infer.registry)
+    params: dict[str, torch.nn.Parameter]  # every trainable tensor, the estimator's own included
+    optimizer: torch.optim.Optimizer
+    kl: str  # "analytic" or "monte-carlo": what estimator B really computes (kl_status)
+
+    @property
+    def num_data(self) -> int:
+        return self.data.num_data
+
+    def loss_kwargs(self, idx: torch.Tensor, beta: float) -> dict:
+        """The keywords of one loss evaluation on the rows ``idx``: N, beta, and the rows themselves
+        for an estimator with per-datapoint state (``needs_indices``, e.g. MCEM's chains)."""
+        extra = {"indices": idx} if getattr(self.estimator, "needs_indices", False) else {}
+        return {"num_data": self.num_data, "beta": beta, **extra}
+
+
+def build_run(recipe: Recipe, dataset: Dataset | None = None, initial_state: dict | None = None) -> Run:
+    """The data, VAE, estimator and optimizer of ``recipe``, checked: nothing is written yet.
+
+    ``initial_state`` (a VAE ``state_dict``) replaces the seeded initial parameters, e.g. in ``compare``,
+    where every estimator starts from the same point. Where the step will be a CUDA graph, the
+    optimizer is a capturable one.
+    """
+    device = resolve_device(recipe.device)
+    if device.type == "cuda" and recipe.fast_path == "compile":
+        raise ConfigError('fast_path = "compile" is for the CPU; on CUDA use "auto", which captures the step '
+                          "as a CUDA graph")
+    pyro.set_rng_seed(recipe.seed)  # before the data: dataset loaders may draw
+    data = prepare_data(recipe, device, dataset)
+    vae = initial_vae(recipe, data.dataset.dim, data.train)
+    if initial_state is not None:
+        vae.load_state_dict(initial_state)
+    estimator = make_estimator(recipe.estimator, recipe.num_particles, **recipe.estimator_options)
+    if isinstance(estimator, torch.nn.Module):
+        estimator.to(device)
+    params = dict(vae.named_parameters())
+    params.update({f"estimator.{i}": p for i, p in enumerate(estimator_parameters(estimator))})
+    capturable = capture_plan(recipe, recipe.estimator, device) is None  # the step becomes one CUDA graph
+    optimizer = make_optimizer(recipe, list(params.values()), capturable=capturable)
+    if recipe.batch_size > data.num_data:
+        raise ConfigError(f"batch_size {recipe.batch_size} is larger than the training set ({data.num_data}); "
+                          "lower batch_size")
+    bad = [name for name, p in params.items() if not torch.isfinite(p).all()]
+    if bad:
+        raise TrainingError(f"parameter '{bad[0]}' is non-finite before training; check the initial state")
+    kl = kl_status(vae.model, vae.guide, data.train_eval[: recipe.batch_size])
+    return Run(recipe, device, data, vae, estimator, params, optimizer, kl)
