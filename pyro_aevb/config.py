@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import inspect
+from importlib import resources
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -25,8 +26,9 @@ from .errors import ConfigError
 from .generative.priors import resolve_prior_factory
 from .infer.registry import ESTIMATORS
 
-#: Where the recipes shipped with the project live (``models/`` at the repo root).
-RECIPE_DIR = Path(__file__).resolve().parent.parent / "models"
+#: Where the recipes shipped with the project live: the package ``pyro_aevb.recipes``, which is the
+#: folder ``models/`` of the repository (an editable install) or inside the installed wheel.
+RECIPE_DIR = Path(str(resources.files("pyro_aevb.recipes")))
 
 
 @dataclass
@@ -77,6 +79,7 @@ class Recipe:
     # eager Pyro where none applies. "compile" (CPU) or "jit" force one; "off": eager Pyro
     fast_path: str = "auto"
     sync_every: int = 0  # steps between host reads of the loss and the finiteness check; 0: 1 on CPU, 50 on CUDA
+    tensorboard: bool = False  # also write metrics.jsonl's scalars to RUN/tensorboard/ (needs the tensorboard package)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

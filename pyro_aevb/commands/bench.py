@@ -67,7 +67,7 @@ def _step_fn(loss_fn, vae, recipe):
 def _graph_step_fn(name: str, vae: VAE, recipe: Recipe, x: torch.Tensor, num_data: int):
     """The CUDA path of training: the whole step (minibatch gather, ELBO, backward, update) as one graph."""
     estimator = make_estimator(name, recipe.num_particles)
-    kl_status(vae.model, vae.guide, x)  # as train() does first
+    kl_status(*vae.local_pair(), x)  # as train() does first
     compiled, reason = compile_loss(name, vae, estimator, x, num_data)
     if compiled is None:
         print(f"note: no CUDA graph for {name}: {reason}")
@@ -100,7 +100,7 @@ def training_paths(recipe: Recipe, x: torch.Tensor, num_data: int, compile: bool
         estimator = make_estimator(name, recipe.num_particles)
         v = copy.deepcopy(base)
         paths[f"{name} eager"] = _step_fn(
-            lambda v=v, e=estimator: e.differentiable_loss(v.model, v.guide, x, num_data=num_data), v, recipe)
+            lambda v=v, e=estimator: e.differentiable_loss(*v.local_pair(), x, num_data=num_data), v, recipe)
         if x.is_cuda:
             graphed = _graph_step_fn(name, copy.deepcopy(base), recipe, x, num_data)
             if graphed is not None:
@@ -110,7 +110,7 @@ def training_paths(recipe: Recipe, x: torch.Tensor, num_data: int, compile: bool
             if backend == "inductor" and not compile:
                 continue
             v = copy.deepcopy(base)
-            kl_status(v.model, v.guide, x)  # as train() does first: the plate's cached arange becomes a constant
+            kl_status(*v.local_pair(), x)  # as train() does first: the plate's cached arange becomes a constant
             compiled, reason = compile_loss(name, v, estimator, x, num_data, backend=backend)
             if compiled is not None:
                 paths[f"{name} {label}"] = _step_fn(lambda c=compiled: c(x, 1.0), v, recipe)
@@ -146,7 +146,7 @@ def likelihood_rows(recipe: Recipe, x: torch.Tensor, num_samples: int, chunk_siz
     flops = sum(2 * m_ * k_ * n_ for r, k in passes for m_, k_, n_ in matmul_shapes(vae, r, k))
 
     def evaluation():
-        log_likelihood(vae.model, vae.guide, x, num_samples=num_samples, chunk_size=chunk_size, progress=False)
+        log_likelihood(*vae.local_pair(), x, num_samples=num_samples, chunk_size=chunk_size, progress=False)
 
     def raw_mm():
         for r, k in passes:

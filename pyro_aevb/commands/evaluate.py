@@ -31,9 +31,9 @@ def command(args) -> None:
         recipe.data_dir = args.data_dir
     data = prepare_data(recipe, resolve_device(str(next(vae.parameters()).device)))
     x = {"test": data.test, "train": data.train_eval}[args.split]
-    kl = kl_status(vae.model, vae.guide, x[: recipe.batch_size])
+    kl = kl_status(*vae.local_pair(), x[: recipe.batch_size])
     particles = args.num_particles or recipe.eval_particles
-    bound = average_bound(vae.model, vae.guide, x, particles, analytic_kl=kl == "analytic")
+    bound = average_bound(*vae.local_pair(), x, particles, analytic_kl=kl == "analytic")
     result = {"split": args.split, "n": bound.n, "elbo": bound.mean, "elbo_se": bound.se,
               "num_particles": particles, "kl": kl, "run_dir": str(args.run_dir)}
     if args.num_samples:
@@ -48,7 +48,7 @@ def _log_likelihood(vae, x, args) -> dict:
 
     if args.seed is not None:
         pyro.set_rng_seed(args.seed)
-    summary = likelihood_summary(vae.model, vae.guide, x, args.num_samples, args.chunk_size, args.khat_points,
+    summary = likelihood_summary(*vae.local_pair(), x, args.num_samples, args.chunk_size, args.khat_points,
                                  progress=not args.no_progress)
     keys = ("log_likelihood", "log_likelihood_se", "num_samples", "ess_mean", "ess_min", "khat")
     return {k: summary[k] for k in keys}
@@ -60,7 +60,7 @@ def _amortization_gap(vae, x, args) -> dict:
     if args.seed is not None:
         pyro.set_rng_seed(args.seed)
     return amortization_gap_summary(
-        vae.model, vae.guide, x, num_points=args.amortization_gap, num_steps=args.gap_steps, lr=args.gap_lr,
+        *vae.local_pair(), x, num_points=args.amortization_gap, num_steps=args.gap_steps, lr=args.gap_lr,
         num_samples=args.num_samples or 1000, chunk_size=args.chunk_size, progress=not args.no_progress)
 
 

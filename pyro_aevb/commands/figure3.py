@@ -82,7 +82,7 @@ def evaluation_points(recipe: Recipe, dataset, eval_points: int) -> tuple[torch.
 def _log_likelihood(vae, x: torch.Tensor, hmc: dict) -> list[float]:
     """The Appendix D estimate of log p(x_i) for each row of x."""
     device = next(vae.parameters()).device
-    return hmc_log_likelihood(vae.model, x.to(device), **hmc).detach().cpu().double().tolist()
+    return hmc_log_likelihood(vae.local_pair()[0], x.to(device), **hmc).detach().cpu().double().tolist()
 
 
 def paired_differences(figure: dict, split: str) -> dict[str, list[tuple[float, float]]]:

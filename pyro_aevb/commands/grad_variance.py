@@ -130,7 +130,7 @@ def fit_baseline(estimator, vae, batches, num_data: int, steps: int, lr: float =
             x = batches()
             if optimizer is not None:
                 optimizer.zero_grad(set_to_none=True)
-            backward(estimator, vae.model, vae.guide, x, num_data=num_data)
+            backward(estimator, *vae.local_pair(), x, num_data=num_data)
             if optimizer is not None:
                 optimizer.step()
             errors.append(_baseline_error(estimator, vae, x, num_data))
@@ -145,7 +145,7 @@ def fit_baseline(estimator, vae, batches, num_data: int, steps: int, lr: float =
 def _baseline_error(estimator, vae, x, num_data) -> float:
     """Mean over datapoints of (learning signal - baseline)^2 on x, for one fresh z per datapoint (nats^2)."""
     scale = num_data / x.shape[0]
-    signal = scale * log_weights(vae.model, vae.guide, x, 1)[0]  # (M,), like Pyro's downstream cost
+    signal = scale * log_weights(*vae.local_pair(), x, 1)[0]  # (M,), like Pyro's downstream cost
     baseline = torch.zeros_like(signal)
     for average in getattr(estimator, "averages", {}).values():  # Pyro's decaying average, one per batch position
         baseline = baseline + average.reshape(signal.shape)
@@ -169,7 +169,7 @@ def gradient_moments(estimator, vae, x: torch.Tensor, num_data: int, draws: int,
         for p in vae.parameters():
             p.grad = None
         pyro.set_rng_seed(seed + i)
-        backward(estimator, vae.model, vae.guide, x, num_data=num_data)
+        backward(estimator, *vae.local_pair(), x, num_data=num_data)
         for g in GROUPS:
             moments[g].add(_flat_grad(groups[g]))
     return {g: moments[g].summary() for g in GROUPS}

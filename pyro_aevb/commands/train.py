@@ -11,7 +11,7 @@ from .common import add_data_arguments, default_out_dir, overrides_of, run_recip
 
 
 def command(args) -> None:
-    overrides = overrides_of(args)
+    overrides = overrides_of(args) + (["tensorboard=true"] if args.tensorboard else [])
     if args.resume:
         if args.out or args.overwrite:
             raise ConfigError("--resume DIR continues DIR; it takes neither --out nor --overwrite")
@@ -40,4 +40,6 @@ def register(subparsers, help: str = "") -> None:
     p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its checkpoint, exactly")
     p.add_argument("--force", action="store_true", help="with --resume: accept a changed recipe")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--tensorboard", action="store_true",
+                   help="also write the metrics as TensorBoard scalars to RUN/tensorboard/ (recipe key tensorboard)")
     p.set_defaults(func=command)

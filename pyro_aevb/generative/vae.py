@@ -25,6 +25,9 @@ References:
 
 from __future__ import annotations
 
+import copy
+import itertools
+
 import torch
 from torch import nn
 
@@ -92,45 +95,102 @@ class GaussianDecoder(nn.Module):
 DECODERS = {"bernoulli": BernoulliDecoder, "gaussian": GaussianDecoder}
 
 
-class VAE(PyroModule):
-    """The model/guide pair. ``model(x)`` and ``guide(x)`` take x of shape (M, D).
+_names = itertools.count()  # each VAE's model/guide get their own param-store names
 
-    :param prior: a prior module (see :mod:`pyro_aevb.generative.priors`), called for p(z).
-    :param decoder: a module mapping z to the distribution p(x|z).
-    :param encoder: a module mapping x to the (loc, scale) of q(z|x).
 
-    ``num_data`` (N) scales a minibatch to the full data set; ``None`` means x is
-    the whole data set. ``beta`` weights the latent site (1 gives the ELBO).
+class VAEModel(PyroModule):
+    r"""The generative model :math:`p_\theta(z)\,p_\theta(x|z)` as a Pyro model: ``model(x, num_data=None, beta=1.0)``.
+
+    A ``PyroModule``: called, it records its parameters (the prior's and the decoder's) as ``pyro.param``
+    sites, so ``pyro.infer.SVI`` with a ``pyro.optim`` optimizer trains them, and it is an ``nn.Module``,
+    so Pyro's ``ELBOModule`` (``TraceMeanField_ELBO()(vae.model, vae.guide)``) and ``torch.optim`` do too.
     """
 
-    def __init__(self, prior: nn.Module, encoder: nn.Module, decoder: nn.Module):
+    def __init__(self, prior: nn.Module, decoder: nn.Module, name: str):
+        super().__init__(name)
+        self.prior = prior
+        self.decoder = decoder
+
+    def forward(self, x: torch.Tensor, num_data: int | None = None, beta: float = 1.0):
+        decoder = self.decoder
+        if isinstance(decoder, BernoulliDecoder) and pyro.poutine.util.is_validation_enabled():
+            _check_binary(x)
+        with data_plate(x, num_data):
+            with poutine.scale(scale=beta):
+                z = pyro.sample("z", self.prior())  # (..., M, Nz)
+            pyro.sample("x", decoder(z), obs=x)
+        return z
+
+
+class VAEGuide(PyroModule):
+    r"""The recognition model :math:`q_\phi(z|x)` as a Pyro guide: ``guide(x, num_data=None, beta=1.0)``."""
+
+    def __init__(self, encoder: nn.Module, name: str):
+        super().__init__(name)
+        self.encoder = encoder
+
+    def forward(self, x: torch.Tensor, num_data: int | None = None, beta: float = 1.0):
+        with data_plate(x, num_data):
+            loc, scale = self.encoder(x)  # (M, Nz) each
+            with poutine.scale(scale=beta):
+                return pyro.sample("z", dist.Normal(loc, scale).to_event(1))
+
+
+_ARANGES: dict = {}  # (M, device) -> arange(M): the plate only needs len(subsample) for its N/M scale
+
+
+def data_plate(x: torch.Tensor, num_data: int | None) -> pyro.plate:
+    """The data plate over the M rows of x, of size N (``num_data``; default M), at dim -1."""
+    n = x.shape[-2]
+    key = (n, x.device)
+    if key not in _ARANGES:
+        _ARANGES[key] = torch.arange(n, device=x.device)
+    return pyro.plate("data", size=num_data or n, subsample=_ARANGES[key], dim=-1)
+
+
+class VAE(nn.Module):
+    r"""The model/guide pair. ``vae.model(x)`` and ``vae.guide(x)`` take x of shape (M, D).
+
+    :param prior: a prior module (see :mod:`pyro_aevb.generative.priors`), called for p(z).
+    :param encoder: a module mapping x to the (loc, scale) of q(z|x).
+    :param decoder: a module mapping z to the distribution p(x|z).
+    :param name: the prefix of the pair's ``pyro.param`` names (default: ``vae0``, ``vae1``, ... one
+        per VAE made in this process, so that two VAEs never share parameters in Pyro's global
+        param store; a deep copy gets a new one).
+
+    ``vae.model`` (:class:`VAEModel`) and ``vae.guide`` (:class:`VAEGuide`) are ``PyroModule``\ s over
+    the VAE's own ``prior``, ``encoder`` and ``decoder``; the VAE's ``state_dict`` holds those three
+    (keys ``prior.*``, ``encoder.*``, ``decoder.*``). ``num_data`` (N) scales a minibatch to the full
+    data set; ``None`` means x is the whole data set. ``beta`` weights the latent site (1 gives the ELBO).
+    """
+
+    def __init__(self, prior: nn.Module, encoder: nn.Module, decoder: nn.Module, name: str | None = None):
         super().__init__()
         self.prior = prior
         self.encoder = encoder
         self.decoder = decoder
-        self._aranges: dict = {}
+        self._name_pair(name)
 
-    def _plate(self, x: torch.Tensor, num_data: int | None) -> pyro.plate:
-        n = x.shape[-2]
-        key = (n, x.device)
-        if key not in self._aranges:  # reuse: the plate only needs len(subsample) for the N/M scale
-            self._aranges[key] = torch.arange(n, device=x.device)
-        return pyro.plate("data", size=num_data or n, subsample=self._aranges[key], dim=-1)
+    def _name_pair(self, name: str | None) -> None:
+        name = name or f"vae{next(_names)}"
+        # Not submodules of the VAE: they share its modules, and its state_dict stays prior/encoder/decoder.
+        object.__setattr__(self, "model", VAEModel(self.prior, self.decoder, f"{name}.model"))
+        object.__setattr__(self, "guide", VAEGuide(self.encoder, f"{name}.guide"))
 
-    def model(self, x: torch.Tensor, num_data: int | None = None, beta: float = 1.0):
-        if isinstance(self.decoder, BernoulliDecoder) and pyro.poutine.util.is_validation_enabled():
-            _check_binary(x)
-        with self._plate(x, num_data):
-            with poutine.scale(scale=beta):
-                z = pyro.sample("z", self.prior())  # (..., M, Nz)
-            pyro.sample("x", self.decoder(z), obs=x)
-        return z
+    def __deepcopy__(self, memo):
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        for key, value in self.__dict__.items():
+            if key not in ("model", "guide"):
+                object.__setattr__(new, key, copy.deepcopy(value, memo))
+        new._name_pair(None)  # a copy must not share param-store names with its original
+        return new
 
-    def guide(self, x: torch.Tensor, num_data: int | None = None, beta: float = 1.0):
-        with self._plate(x, num_data):
-            loc, scale = self.encoder(x)  # (M, Nz) each
-            with poutine.scale(scale=beta):
-                return pyro.sample("z", dist.Normal(loc, scale).to_event(1))
+    def local_pair(self):
+        """``(model, guide)`` as plain functions that record no ``pyro.param`` sites: for training loops
+        that optimize ``vae.parameters()`` with a ``torch.optim`` optimizer themselves, and for tracing
+        the ELBO (a param statement inside ``torch.jit``/``make_fx`` would sync with Pyro's param store)."""
+        return self.model.forward, self.guide.forward
 
     @torch.no_grad()
     def sample(self, n: int) -> torch.Tensor:

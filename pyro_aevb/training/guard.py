@@ -38,7 +38,7 @@ def diagnose_nonfinite(vae, x: torch.Tensor, params: dict[str, torch.Tensor]) ->
             culprit = f"the gradient of parameter '{name}' is non-finite"
             break
     with torch.no_grad(), pyro.validation_enabled(False):
-        model_trace, guide_trace = trace_pair(vae.model, vae.guide, x)
+        model_trace, guide_trace = trace_pair(*vae.local_pair(), x)
     for trace, which in ((guide_trace, "guide"), (model_trace, "model")):
         for name, site in sample_sites(trace).items():
             if not torch.isfinite(site["unscaled_log_prob"]).all():

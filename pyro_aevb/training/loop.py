@@ -41,7 +41,7 @@ from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_sta
 from .cpu_allocator import allocator_status
 from .figures import write_figures
 from .guard import NaNGuard
-from .run_directory import RunDirectory, machine, versions
+from .run_directory import RunDirectory, machine, tensorboard_writer, versions
 from .schedule import EpochOrder, crosses, kl_warmup_beta
 from .setup import Run, build_run
 from .signals import StopSignals
@@ -76,6 +76,7 @@ def train(
     """
     started = time.time()
     payload = resume_checkpoint(Path(out_dir), recipe, force) if resume else None
+    tensorboard = tensorboard_writer() if recipe.tensorboard else None  # refused before anything is written
     run = build_run(recipe, dataset, initial_state)
     M, total_steps = recipe.batch_size, math.ceil(recipe.max_samples / recipe.batch_size)
     check_every = 1 if recipe.on_nan == "skip" else recipe.sync_every or (1 if run.device.type == "cpu" else 50)
@@ -85,6 +86,8 @@ def train(
     files = (RunDirectory.reopen(out_dir, start_step, step_fn.fast_path) if payload is not None else
              RunDirectory.create(out_dir, overwrite, recipe.to_toml(), run_info(run, step_fn.fast_path, check_every)))
     files.update(status="running")
+    if tensorboard is not None:
+        files.open_tensorboard(tensorboard, start_step * M)
     step_fn.on_change = lambda path, notice: (files.update(fast_path=path), tqdm.write(notice))
     if recipe.estimator == "sgvb-b" and run.kl != "analytic":
         tqdm.write(f"notice: KL: Monte Carlo. No analytic KL is registered for prior '{recipe.prior}' against "
@@ -181,8 +184,9 @@ def _batch(step_fn, run: Run, idx: torch.Tensor) -> torch.Tensor:
 def evaluate(run: Run) -> dict:
     """Average bound per datapoint (with its standard error) on the train subset and the test split."""
     analytic, vae, particles = run.kl == "analytic", run.vae, run.recipe.eval_particles
-    train = average_bound(vae.model, vae.guide, run.data.train_eval, particles, analytic)
-    test = average_bound(vae.model, vae.guide, run.data.test, particles, analytic)
+    model, guide = vae.local_pair()
+    train = average_bound(model, guide, run.data.train_eval, particles, analytic)
+    test = average_bound(model, guide, run.data.test, particles, analytic)
     return {"train_elbo": train.mean, "train_elbo_se": train.se, "test_elbo": test.mean, "test_elbo_se": test.se}
 
 
@@ -241,6 +245,10 @@ def save_run_checkpoint(run: Run, run_dir: Path, step: int, order: EpochOrder, c
     )
 
 
+#: recipe keys that do not change what a run computes: a resume may change them
+_NOT_COMPUTATION = ("data_dir", "tensorboard")
+
+
 def resume_checkpoint(run_dir: Path, recipe: Recipe, force: bool) -> dict:
     """The checkpoint to resume from, after checking the recipe is the one it was trained with."""
     if not (run_dir / "checkpoint.pt").is_file():
@@ -249,9 +257,9 @@ def resume_checkpoint(run_dir: Path, recipe: Recipe, force: bool) -> dict:
     for key in ("perm", "train_seconds", "nan_skips", "rng", "optimizer"):
         if key not in payload:
             raise CheckpointError(f"{run_dir / 'checkpoint.pt'} lacks '{key}'; it cannot be resumed exactly")
-    # The data may move; keys a checkpoint lacks (older versions) had their default values.
-    saved = {k: v for k, v in (Recipe().to_dict() | payload["recipe"]).items() if k != "data_dir"}
-    changed = recipe_diff(saved, {k: v for k, v in recipe.to_dict().items() if k != "data_dir"})
+    # The data may move, and logging may change; keys a checkpoint lacks (older versions) had their defaults.
+    saved = {k: v for k, v in (Recipe().to_dict() | payload["recipe"]).items() if k not in _NOT_COMPUTATION}
+    changed = recipe_diff(saved, {k: v for k, v in recipe.to_dict().items() if k not in _NOT_COMPUTATION})
     if changed and not force:
         raise ConfigError(f"refusing to resume {run_dir} with a changed recipe ({'; '.join(changed)}); "
                           "drop the changes, or pass --force")

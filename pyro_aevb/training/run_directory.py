@@ -79,6 +79,7 @@ class RunDirectory:
         self.info = info
         self.metrics = metrics
         self._metrics_file = open(self.path / "metrics.jsonl", "a")
+        self._tensorboard = None
 
     @classmethod
     def create(cls, path: Path, overwrite: bool, recipe_toml: str, info: dict) -> "RunDirectory":
@@ -102,6 +103,11 @@ class RunDirectory:
         atomic_write(path / "metrics.jsonl", lambda f: f.write("".join(json.dumps(r) + "\n" for r in rows).encode()))
         return cls(path, info, rows)
 
+    def open_tensorboard(self, writer_class, purge_after_samples: int = 0) -> None:
+        """Also write every logged row's numbers as TensorBoard scalars (x axis: training samples) to
+        ``RUN/tensorboard/``. A resumed run purges the events after its checkpoint, as it drops those rows."""
+        self._tensorboard = writer_class(str(self.path / "tensorboard"), purge_step=purge_after_samples + 1)
+
     def update(self, **entries) -> None:
         """Set entries of ``run.json`` and write it (atomically)."""
         self.info.update(entries)
@@ -112,10 +118,28 @@ class RunDirectory:
         self.metrics.append(row)
         self._metrics_file.write(json.dumps(row) + "\n")
         self._metrics_file.flush()
+        if self._tensorboard is not None:
+            for key, value in row.items():
+                if key not in ("step", "samples") and isinstance(value, (int, float)):
+                    self._tensorboard.add_scalar(key, value, global_step=row["samples"])
+            self._tensorboard.flush()
         return row
 
     def close(self) -> None:
         self._metrics_file.close()
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+
+
+def tensorboard_writer():
+    """``torch.utils.tensorboard.SummaryWriter``, imported only now; a one-line error if it cannot be."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ConfigError("tensorboard = true needs the tensorboard package, which is not installed: "
+                          "pip install tensorboard (or pip install 'pyro-aevb[tensorboard]'), or drop "
+                          "--tensorboard") from None
+    return SummaryWriter
 
 
 def load(run_dir: str | Path, device: str | None = None) -> VAE:

@@ -144,5 +144,5 @@ def build_run(recipe: Recipe, dataset: Dataset | None = None, initial_state: dic
     bad = [name for name, p in params.items() if not torch.isfinite(p).all()]
     if bad:
         raise TrainingError(f"parameter '{bad[0]}' is non-finite before training; check the initial state")
-    kl = kl_status(vae.model, vae.guide, data.train_eval[: recipe.batch_size])
+    kl = kl_status(*vae.local_pair(), data.train_eval[: recipe.batch_size])
     return Run(recipe, device, data, vae, estimator, params, optimizer, kl)

@@ -40,7 +40,7 @@ class EagerStep:
     def loss_and_grad(self, x: torch.Tensor, idx: torch.Tensor, beta: float) -> torch.Tensor:
         run = self.run
         try:
-            return backward(run.estimator, run.vae.model, run.vae.guide, x, **run.loss_kwargs(idx, beta))
+            return backward(run.estimator, *run.vae.local_pair(), x, **run.loss_kwargs(idx, beta))
         except ValueError:  # Pyro's validation refusing a NaN distribution parameter
             if diagnose_nonfinite(run.vae, x, run.params) is None:
                 raise  # not a non-finite value: a genuine bug, show it

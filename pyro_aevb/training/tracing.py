@@ -63,7 +63,7 @@ def choose_backend(fast_path: str, device: torch.device, steps: int) -> str | No
 
 
 class SurrogateLossModule(torch.nn.Module):
-    """``x, beta ->`` the sum over particles of Pyro's surrogate loss for ``vae.model, vae.guide``
+    """``x, beta ->`` the sum over particles of Pyro's surrogate loss for ``vae.local_pair()``
     at ``(x, num_data=N, beta=beta)``: the value of ``differentiable_loss``, without its host reads.
 
     Not Pyro's ``ELBOModule`` (whose ``forward`` calls ``differentiable_loss``, with the reads).
@@ -82,7 +82,7 @@ class SurrogateLossModule(torch.nn.Module):
         # For reparameterized sites the surrogate equals the loss, in value and in gradient.
         est, loss = self.estimator, 0.0
         kwargs = {"num_data": self.num_data, "beta": beta}
-        for model_trace, guide_trace in est._get_traces(self.vae.model, self.vae.guide, (x,), kwargs):
+        for model_trace, guide_trace in est._get_traces(*self.vae.local_pair(), (x,), kwargs):
             _, surrogate = est._differentiable_loss_particle(model_trace, guide_trace)
             loss = loss + surrogate / est.num_particles
         return loss
