@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import inspect
+import math
 from importlib import resources
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -155,6 +156,8 @@ def _check_type(key: str, value: Any, default: Any) -> Any:
         raise ConfigError(
             f"recipe key '{key}' must be {expected.__name__}, got {type(value).__name__} {value!r}"
         )
+    if expected is float and not math.isfinite(value):
+        raise ConfigError(f"recipe key '{key}' must be a finite number, got {value!r}")
     return value
 
 

@@ -47,17 +47,3 @@ def float64_single_thread():
     finally:
         torch.set_default_dtype(dtype)
         torch.set_num_threads(threads)
-
-
-@pytest.fixture
-def traced_sampler(monkeypatch):
-    """Eager Normal.rsample draws its noise as the traced graph does (torch.normal(0, 1)), so that
-    "the same seed" means "the same noise" on both paths: eagerly torch uses .normal_(), whose
-    stream differs (torch.distributions.utils._standard_normal, the JIT workaround)."""
-    import torch.distributions.normal as normal_module
-
-    def standard_normal(shape, dtype, device):
-        return torch.normal(torch.zeros(shape, dtype=dtype, device=device),
-                            torch.ones(shape, dtype=dtype, device=device))
-
-    monkeypatch.setattr(normal_module, "_standard_normal", standard_normal)

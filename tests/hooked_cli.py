@@ -3,7 +3,8 @@
 Run as ``python tests/hooked_cli.py ARGS...``: the same command line as ``pyro-aevb ARGS...``, with
 
 * ``PYRO_AEVB_TEST_KILL_AT_STEP=n``: SIGKILL this process right after step n's update;
-* ``PYRO_AEVB_TEST_SIGNAL_AT_STEP=n:SIGTERM``: send it that signal there (default SIGINT);
+* ``PYRO_AEVB_TEST_SIGNAL_AT_STEP=n:SIGTERM[:k]``: send it that signal there (default SIGINT), k times
+  (default once: twice is a second Ctrl-C);
 * ``PYRO_AEVB_TEST_KILL_IN_WRITE=NAME:n``: SIGKILL it in the middle of the n-th atomic write of the
   file NAME, once half its bytes reached the temporary file.
 
@@ -23,9 +24,11 @@ from pyro_aevb.commands.cli import main
 def at_step(step: int) -> None:
     if os.environ.get("PYRO_AEVB_TEST_KILL_AT_STEP") == str(step):
         os.kill(os.getpid(), signal.SIGKILL)
-    at, _, name = os.environ.get("PYRO_AEVB_TEST_SIGNAL_AT_STEP", "").partition(":")
+    at, _, rest = os.environ.get("PYRO_AEVB_TEST_SIGNAL_AT_STEP", "").partition(":")
+    name, _, times = rest.partition(":")
     if at == str(step):
-        os.kill(os.getpid(), getattr(signal, name or "SIGINT"))
+        for _ in range(int(times or 1)):
+            os.kill(os.getpid(), getattr(signal, name or "SIGINT"))
 
 
 def kill_in_write(atomic_write, spec: str):

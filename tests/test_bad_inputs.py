@@ -101,6 +101,10 @@ CASES = [
     ("set-no-equals", ["train", "--set", "latent_dim"], 2, ["KEY=VALUE"]),
     ("set-unknown-key", ["train", "--set", "latnt_dim=3"], 2, ["latnt_dim", "latent_dim"]),
     ("set-wrong-type", ["train", "--set", "max_samples=lots"], 2, ["max_samples", "int"]),
+    ("set-infinite-lr", ["train", "--set", "lr=inf"], 2, ["'lr'", "finite", "inf"]),
+    ("set-nan-grad-clip", ["train", "--set", "grad_clip=nan"], 2, ["'grad_clip'", "finite"]),
+    ("set-prior-factory-raises", ["train", "--set", "prior=os:system"], 2,
+     ["recipe key 'prior'", "os:system", "raised TypeError"]),
     ("cli-bad-seed", ["train", "--seed", "abc"], 2, ["--seed", "invalid int"]),
     ("cli-unknown-command", ["fly"], 2, ["invalid choice", "fly"]),
     ("cli-force-without-resume", ["train", "--force"], 2, ["--force", "--resume"]),
@@ -141,8 +145,7 @@ CASES = [
 
 @pytest.mark.parametrize("case_id, argv, code, words", CASES, ids=[c[0] for c in CASES])
 def test_bad_input_gets_one_clear_line(case_id, argv, code, words, work, tmp_path, capsys, monkeypatch):
-    if case_id == "cli-cuda-missing" and torch.cuda.is_available():
-        pytest.skip("this machine has CUDA")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # on a GPU machine too: as if it had none
     monkeypatch.chdir(tmp_path)
     # No network: downloads go to dead local URLs, so the test is offline and fast.
     monkeypatch.setattr(data, "BINARIZED_MNIST_URL", f"file://{tmp_path}/no-such-mirror/")

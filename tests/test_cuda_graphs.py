@@ -58,7 +58,7 @@ def test_capturable_optimizers_take_the_same_steps(name):
         assert torch.allclose(p, q, rtol=1e-5, atol=1e-6)
 
 
-def test_failed_capture_falls_back_and_trains_as_the_ordinary_loop(tmp_path, monkeypatch, traced_sampler):
+def test_failed_capture_falls_back_and_trains_as_the_ordinary_loop(tmp_path, monkeypatch):
     """Force the CUDA-graph path on a CPU: the warm-up steps run the step's body eagerly, capture then
     fails (the data is not on a GPU), the run says why and goes on; the result equals eager Pyro's."""
     warm = SMALL | {"kl_warmup": 1500}  # beta changes at every step: the static beta buffer must follow

@@ -21,7 +21,7 @@ def _grads(vae):
 @pytest.mark.parametrize("backend", ["jit", "inductor"])
 @pytest.mark.parametrize("name", ["sgvb-a", "sgvb-b"])
 @pytest.mark.parametrize("particles", [1, 3])
-def test_compiled_loss_and_gradients_equal_eager_pyro(backend, name, particles, traced_sampler):
+def test_compiled_loss_and_gradients_equal_eager_pyro(backend, name, particles):
     torch.manual_seed(0)
     vae = build_vae(Recipe(latent_dim=5, hidden_dim=40), 784)
     x = torch.rand(30, 784).bernoulli()
@@ -146,7 +146,7 @@ def test_falls_back_with_a_logged_reason(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("fast_path, used", [("auto", "jit"), ("compile", "inductor"),
                                              ("off", 'off (fast_path = "off")')])
-def test_fast_and_eager_training_agree(tmp_path, fast_path, used, traced_sampler):
+def test_fast_and_eager_training_agree(tmp_path, fast_path, used):
     # eval_train_size < batch_size: the traced example must still be a full minibatch
     recipe = load_recipe(None, {"max_samples": 1000, "eval_every": 1000, "hidden_dim": 32, "latent_dim": 2,
                                 "kl_warmup": 500, "fast_path": fast_path, "eval_train_size": 50})

@@ -246,12 +246,7 @@ def test_user_prior_from_a_file_trains(tmp_path, monkeypatch):
 
 
 def test_user_prior_in_a_recipe():
-    try:
-        recipe = load_recipe(None, {"prior": MY_PRIOR, "prior_options": {"scale": 0.5}})
-    except ConfigError as e:
-        if "unknown prior" in str(e):
-            pytest.xfail("config wiring pending: config.py does not yet accept import paths for `prior`")
-        raise
+    recipe = load_recipe(None, {"prior": MY_PRIOR, "prior_options": {"scale": 0.5}})
     assert recipe.prior_options == {"scale": 0.5}
     with pytest.raises(ConfigError, match=r"unknown key 'scal' in \[prior_options\].*scale"):
         load_recipe(None, {"prior": MY_PRIOR, "prior_options": {"scal": 0.5}})

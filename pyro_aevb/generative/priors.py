@@ -57,6 +57,7 @@ References:
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import math
@@ -375,13 +376,29 @@ def resolve_prior_factory(name: str) -> Callable[..., nn.Module]:
     return factory
 
 
+@contextlib.contextmanager
+def user_code(what: str):
+    """An exception raised by the user's own prior code becomes one line that names the recipe key."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except Exception as e:
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise ConfigError(f"{what} raised {type(e).__name__}: {first[:200]}; fix the prior, or its "
+                          "[prior_options]") from None
+
+
 def make_prior(name: str, latent_dim: int, **options) -> nn.Module:
     """Build the prior ``name`` (see :func:`resolve_prior_factory`) with ``options``, and check the protocol.
 
     A prior with a ``bind`` hook cannot produce its distribution before it is
     bound to the VAE; it is checked when bound (the VampPrior checks itself).
     """
-    prior = resolve_prior_factory(name)(latent_dim, **options)
+    factory = resolve_prior_factory(name)
+    with user_code(f"recipe key 'prior' = {name!r}: {getattr(factory, '__name__', 'the factory')}"
+                   f"({latent_dim}, **prior_options)"):
+        prior = factory(latent_dim, **options)
     if not isinstance(prior, nn.Module):
         raise ConfigError(
             f"prior '{name}' returned {type(prior).__name__}, not a torch.nn.Module; return a module whose "
@@ -395,7 +412,8 @@ def make_prior(name: str, latent_dim: int, **options) -> nn.Module:
 def check_prior(prior: nn.Module, latent_dim: int, name: str | None = None) -> None:
     """Fail at start-up, not mid-training, if ``prior()`` is not a distribution over z."""
     label = f"'{name}'" if name else type(prior).__name__
-    d = prior()
+    with user_code(f"recipe key 'prior' = {label}: its forward()"):
+        d = prior()
     if not isinstance(d, torch.distributions.Distribution):
         raise ConfigError(
             f"prior {label} forward() returned {type(d).__name__}, not a distribution; "

@@ -129,7 +129,7 @@ class ScoreFunctionELBO(nn.Module):
         if _AVERAGE_KEY + name in store:  # another estimator's average: not ours
             del store[_AVERAGE_KEY + name]
         if name in self.averages and self.averages[name].shape == shape:
-            store[_AVERAGE_KEY + name] = self.averages[name]
+            store[_AVERAGE_KEY + name] = self.averages[name].to(self._x.device)
         options = {"use_decaying_avg_baseline": True, "baseline_beta": self.baseline_beta}
         if self.baseline_net is not None:
             if self._x.shape[-1] != self.data_dim:
@@ -156,6 +156,14 @@ class ScoreFunctionELBO(nn.Module):
             if self.baseline != "none":
                 self._collect_averages()
             self._x = None
+
+    # ------------------------------------------------------------------ state
+    def get_extra_state(self) -> dict:
+        """The decaying averages go into the ``state_dict`` (hence the checkpoint): a resumed run continues them."""
+        return {"averages": dict(self.averages)}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.averages = dict(state.get("averages", {}))
 
     # ------------------------------------------------------------------ ELBO face
     def loss(self, model, guide, *args, **kwargs) -> float:

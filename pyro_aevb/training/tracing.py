@@ -9,7 +9,10 @@ truth, and the replayed graph draws fresh noise at every call. Two backends:
 * ``"jit"``: like Pyro's own ``JitTrace_ELBO``, ``torch.jit.trace``. It wraps the
   model/guide pair as an ``nn.Module`` (:class:`SurrogateLossModule`), so parameters are module parameters (no param-store
   round trip), and beta is a tensor input (a KL warm-up does not force a
-  re-trace at each step). Ready in about a second. On CUDA it is what
+  re-trace at each step). Ready in about a second. While tracing, Normal's
+  noise is drawn as eager PyTorch draws it (``empty(...).normal_()``; under a
+  trace PyTorch would switch to ``torch.normal(zeros, ones)``, a different
+  stream), so a seed gives the JIT path eager Pyro's very noise. On CUDA it is what
   :mod:`pyro_aevb.training.cuda_graphs` records into a CUDA graph: its replay reads
   nothing back to the host, whereas eager Pyro calls ``torch_item`` on the loss.
 * ``"inductor"``: the same computation recorded as ATen operations with
@@ -122,7 +125,8 @@ def compile_loss(name: str, vae, estimator, example_x: torch.Tensor, num_data: i
         with torch.random.fork_rng(devices=devices), pyro.validation_enabled(False), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # TracerWarnings about Python values becoming constants
             if backend == "jit":
-                traced = torch.jit.trace(module, (example_x, beta), check_trace=False)
+                with _eager_noise():
+                    traced = torch.jit.trace(module, (example_x, beta), check_trace=False)
                 traced(example_x, beta)  # a second call must work too (it is the one that is optimised)
             else:
                 traced = _inductor(module, example_x, beta)  # runs forward and backward once
@@ -131,6 +135,18 @@ def compile_loss(name: str, vae, estimator, example_x: torch.Tensor, num_data: i
         what = "tracing" if backend == "jit" else "torch.compile"
         return None, f"{what} failed ({type(e).__name__}: {first[:120]})"
     return CompiledLoss(traced, example_x.device, backend), None
+
+
+def _standard_normal_as_eager(shape, dtype, device):
+    return torch.empty(shape, dtype=dtype, device=device).normal_()
+
+
+@contextlib.contextmanager
+def _eager_noise():
+    """``Normal.rsample``'s noise, traced as eager PyTorch draws it: ``torch.distributions`` switches to
+    ``torch.normal(zeros, ones)`` under ``torch.jit`` (an old JIT workaround), which draws other numbers."""
+    with mock.patch.object(torch.distributions.normal, "_standard_normal", _standard_normal_as_eager):
+        yield
 
 
 @contextlib.contextmanager
