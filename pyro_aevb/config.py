@@ -29,7 +29,14 @@ from .infer.registry import ESTIMATORS
 
 #: Where the recipes shipped with the project live: the package ``pyro_aevb.recipes``, which is the
 #: folder ``models/`` of the repository (an editable install) or inside the installed wheel.
-RECIPE_DIR = Path(str(resources.files("pyro_aevb.recipes")))
+def _recipe_dir() -> Path:
+    try:
+        return Path(str(resources.files("pyro_aevb.recipes")))
+    except ModuleNotFoundError:  # a source tree on sys.path that was never installed
+        return Path(__file__).resolve().parent.parent / "models"
+
+
+RECIPE_DIR = _recipe_dir()
 
 
 @dataclass

@@ -44,6 +44,15 @@ class FactorAnalysis(nn.Module):
             pyro.sample("code", dist.Normal(self.a * observations, self.log_s.exp()).to_event(1))
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tensors of a hundred numbers: a second thread only costs here."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _data() -> torch.Tensor:
     gen = torch.Generator().manual_seed(0)
     z = torch.randn(N, 1, generator=gen)
