@@ -25,6 +25,7 @@ except ModuleNotFoundError:  # Python 3.10
 from .data import DATASETS
 from .errors import ConfigError
 from .generative.priors import resolve_prior_factory
+from .generative.vae import ACTIVATIONS
 from .infer.registry import ESTIMATORS
 
 #: Where the recipes shipped with the project live: the package ``pyro_aevb.recipes``, which is the
@@ -50,10 +51,16 @@ class Recipe:
     dataset: str = "mnist-5k"  # a name in pyro_aevb.data.DATASETS
     data_dir: str = ""  # where data files live; "" means $PYRO_AEVB_DATA, then a user cache dir
     eval_train_size: int = 10_000  # size of the fixed training subset the train bound is evaluated on
+    # datapoints of a validation split, evaluated with the bounds; the best checkpoint by its bound is kept as
+    # best.pt. From the data set's own validation split (binarized MNIST: 10,000), else the last
+    # validation_size training points are held out of training (Frey Face). 0: no validation split
+    validation_size: int = 0
 
     # --- model: p(z) p(x|z) and q(z|x), one hidden tanh layer each (paper, Appendix C) ---
     latent_dim: int = 20  # Nz
-    hidden_dim: int = 500  # hidden units of the encoder and the decoder MLPs
+    hidden_dim: int = 500  # hidden units of the encoder and the decoder MLPs (one layer: the paper's)
+    hidden_dims: list = field(default_factory=list)  # several hidden layers, e.g. [300, 300]; [] means [hidden_dim]
+    activation: str = "tanh"  # the hidden layers' nonlinearity: a name in pyro_aevb.generative.vae.ACTIVATIONS
     likelihood: str = "bernoulli"  # "bernoulli" (binary data) or "gaussian" (real-valued, Frey Face)
     prior: str = "standard-normal"  # p(z): a name in pyro_aevb.generative.priors.PRIORS, "module:factory" or "file.py:factory"
     prior_options: dict = field(default_factory=dict)  # the prior's own keys, as a [prior_options] table
@@ -71,6 +78,8 @@ class Recipe:
     batch_size: int = 100  # M
     optimizer: str = "adagrad"  # "adagrad" (the paper's) or "adam"
     lr: float = 0.01  # step size; of the paper's {0.01, 0.02, 0.1}, 0.01 trains MNIST best early on
+    lr_milestones: list = field(default_factory=list)  # training samples at which lr is multiplied by lr_gamma
+    lr_gamma: float = 0.1  # the step schedule's factor (pythae's VAE recipes: 10^(-1/5) at each milestone)
     grad_clip: float = 0.0  # clip the gradient's global norm to this; 0 disables
     on_nan: str = "error"  # a non-finite loss or gradient: "error" stops the run, "skip" skips the step
     max_nan_skips: int = 100  # with on_nan = "skip": stop after this many skipped steps
@@ -118,7 +127,8 @@ _POSITIVE = {
     "lr",
     "init_scale",
 }
-_NON_NEGATIVE = {"kl_warmup", "weight_decay", "seed", "grad_clip", "max_nan_skips", "sync_every"}
+_NON_NEGATIVE = {"kl_warmup", "weight_decay", "seed", "grad_clip", "max_nan_skips", "sync_every", "validation_size"}
+_POSITIVE.add("lr_gamma")
 _CHOICES = {
     "likelihood": ("bernoulli", "gaussian"),
     "init": ("normal", "pytorch"),
@@ -126,6 +136,7 @@ _CHOICES = {
     "on_nan": ("error", "skip"),
     "fast_path": ("auto", "compile", "jit", "off"),
     "device": ("cpu", "cuda"),
+    "activation": tuple(ACTIVATIONS),
 }
 
 
@@ -157,6 +168,9 @@ def _check_type(key: str, value: Any, default: Any) -> Any:
     elif expected is float:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         value = float(value) if ok else value
+    elif expected is list:
+        ok = isinstance(value, (list, tuple))
+        value = list(value) if ok else value
     else:
         ok = isinstance(value, str)
     if not ok:
@@ -173,6 +187,12 @@ def _check_value(key: str, value: Any) -> None:
         raise ConfigError(f"recipe key '{key}' must be > 0, got {value!r}")
     if key in _NON_NEGATIVE and not value >= 0:
         raise ConfigError(f"recipe key '{key}' must be >= 0, got {value!r}")
+    if key == "hidden_dims" and not all(isinstance(h, int) and not isinstance(h, bool) and h > 0 for h in value):
+        raise ConfigError(f"recipe key 'hidden_dims' must be a list of positive integers, got {value!r}")
+    if key == "lr_milestones" and not (all(isinstance(m, int) and not isinstance(m, bool) and m > 0 for m in value)
+                                       and value == sorted(set(value))):
+        raise ConfigError(f"recipe key 'lr_milestones' must be increasing positive integers (training samples), "
+                          f"got {value!r}")
     if key in _CHOICES and value not in _CHOICES[key]:
         raise ConfigError(
             f"recipe key '{key}' = {value!r} is not valid; choose one of: {', '.join(_CHOICES[key])}"

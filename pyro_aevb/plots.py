@@ -51,7 +51,8 @@ def plot_bound(
     """
     series = {label: ([r["samples"] for r in rows], [r["train_elbo"] for r in rows], [r["test_elbo"] for r in rows])
               for label, rows in curves.items()}
-    return plot_train_test(series, path, r"average lower bound per datapoint $\mathcal{L}$ (nats)", title, ax, colours)
+    return plot_train_test(series, path, r"average lower bound per datapoint $\mathcal{L}$ (nats)", title, ax, colours,
+                           marker="o")  # the evaluation points: a run evaluated once still shows its bound
 
 
 def save_grid(images: torch.Tensor, image_shape: tuple[int, int], path: Path, nrow: int = 8, title: str = ""):

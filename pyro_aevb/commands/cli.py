@@ -23,6 +23,7 @@ COMMANDS = {
     "evaluate": ("evaluate", "average lower bound per datapoint of a trained run (and log p(x), diagnostics)"),
     "sample": ("sample", "a grid of samples from a trained run"),
     "compare": ("compare", "train several estimators from the same start (Figure 2)"),
+    "figure2": ("figure2", "the paper's Figure 2: AEVB against wake-sleep, every panel, one figure"),
     "figure3": ("figure3", "marginal likelihood against training samples: AEVB, wake-sleep, MCEM (Figure 3)"),
     "grad-variance": ("grad_variance", "gradient variance and SNR of each estimator on one minibatch"),
     "bench": ("bench", "time training steps against a hand-written PyTorch reference"),

@@ -25,17 +25,21 @@ def _check(args) -> None:
 def command(args) -> None:
     args.chunk_size = DEFAULT_CHUNK_SIZE if args.chunk_size is None else args.chunk_size
     _check(args)
-    vae = load(args.run_dir, device=args.device)
+    vae = load(args.run_dir, device=args.device, checkpoint=args.checkpoint)
     recipe = vae.recipe
     if args.data_dir:
         recipe.data_dir = args.data_dir
     data = prepare_data(recipe, resolve_device(str(next(vae.parameters()).device)))
-    x = {"test": data.test, "train": data.train_eval}[args.split]
+    if args.split == "valid" and data.valid is None:
+        raise ConfigError(f"{args.run_dir} was trained without a validation split (validation_size = 0); "
+                          "use --split test or train")
+    x = {"test": data.test, "train": data.train_eval, "valid": data.valid}[args.split]
     kl = kl_status(*vae.local_pair(), x[: recipe.batch_size])
     particles = args.num_particles or recipe.eval_particles
     bound = average_bound(*vae.local_pair(), x, particles, analytic_kl=kl == "analytic")
     result = {"split": args.split, "n": bound.n, "elbo": bound.mean, "elbo_se": bound.se,
-              "num_particles": particles, "kl": kl, "run_dir": str(args.run_dir)}
+              "num_particles": particles, "kl": kl, "run_dir": str(args.run_dir), "checkpoint": args.checkpoint,
+              "step": vae.step}
     if args.num_samples:
         result.update(_log_likelihood(vae, x, args))
     if args.amortization_gap is not None:
@@ -89,7 +93,9 @@ def _report(result: dict, args) -> str:
 def register(subparsers, help: str = "") -> None:
     p = subparsers.add_parser("evaluate", help=help, description=help)
     p.add_argument("run_dir")
-    p.add_argument("--split", choices=["test", "train"], default="test")
+    p.add_argument("--split", choices=["test", "train", "valid"], default="test")
+    p.add_argument("--checkpoint", choices=["last", "best"], default="last",
+                   help="the end of training (default) or best.pt, the best validation bound's parameters")
     p.add_argument("--num-particles", type=int, help="samples of z per datapoint (default: the recipe's)")
     p.add_argument("--data-dir")
     p.add_argument("--device", choices=["cpu", "cuda"])

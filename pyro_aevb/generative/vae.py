@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -40,19 +41,36 @@ from ..errors import DataError
 from .priors import check_prior, make_prior
 
 
-def mlp(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
-    """One hidden tanh layer, the paper's network (Appendix C.1)."""
-    return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.Tanh(), nn.Linear(hidden_dim, out_dim))
+#: recipe key ``activation`` -> the hidden layers' nonlinearity (the paper's is tanh)
+ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "softplus": nn.Softplus, "elu": nn.ELU, "gelu": nn.GELU,
+               "leaky-relu": nn.LeakyReLU, "sigmoid": nn.Sigmoid}
+
+
+def hidden_layers(in_dim: int, hidden: int | Sequence[int], activation: str = "tanh") -> list[nn.Module]:
+    """Linear, nonlinearity, Linear, nonlinearity, ... through the hidden widths (one int: one layer)."""
+    widths = [hidden] if isinstance(hidden, int) else list(hidden)
+    layers, width = [], in_dim
+    for h in widths:
+        layers += [nn.Linear(width, h), ACTIVATIONS[activation]()]
+        width = h
+    return layers
+
+
+def mlp(in_dim: int, hidden: int | Sequence[int], out_dim: int, activation: str = "tanh") -> nn.Sequential:
+    """An MLP through the hidden widths; one hidden tanh layer is the paper's network (Appendix C.1)."""
+    last = hidden if isinstance(hidden, int) else hidden[-1]
+    return nn.Sequential(*hidden_layers(in_dim, hidden, activation), nn.Linear(last, out_dim))
 
 
 class Encoder(nn.Module):
     r"""x -> (loc, scale) of :math:`q_\phi(z|x)`; the MLP outputs mu and log sigma^2 (Appendix C.2)."""
 
-    def __init__(self, data_dim: int, hidden_dim: int, latent_dim: int):
+    def __init__(self, data_dim: int, hidden: int | Sequence[int], latent_dim: int, activation: str = "tanh"):
         super().__init__()
-        self.hidden = nn.Sequential(nn.Linear(data_dim, hidden_dim), nn.Tanh())
-        self.loc = nn.Linear(hidden_dim, latent_dim)
-        self.log_var = nn.Linear(hidden_dim, latent_dim)
+        self.hidden = nn.Sequential(*hidden_layers(data_dim, hidden, activation))
+        last = hidden if isinstance(hidden, int) else hidden[-1]
+        self.loc = nn.Linear(last, latent_dim)
+        self.log_var = nn.Linear(last, latent_dim)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.hidden(x)  # (..., M, H)
@@ -62,9 +80,9 @@ class Encoder(nn.Module):
 class BernoulliDecoder(nn.Module):
     r""":math:`p_\theta(x|z) = \prod_d \mathrm{Bernoulli}(x_d; \mathrm{sigmoid}(f_\theta(z))_d)`, logits parameterised (Appendix C.1)."""
 
-    def __init__(self, latent_dim: int, hidden_dim: int, data_dim: int):
+    def __init__(self, latent_dim: int, hidden: int | Sequence[int], data_dim: int, activation: str = "tanh"):
         super().__init__()
-        self.logits = mlp(latent_dim, hidden_dim, data_dim)
+        self.logits = mlp(latent_dim, hidden, data_dim, activation)
 
     def forward(self, z: torch.Tensor) -> dist.TorchDistribution:
         return dist.Bernoulli(logits=self.logits(z)).to_event(1)
@@ -80,9 +98,9 @@ class GaussianDecoder(nn.Module):
     decoder; ``s`` is a learned per-pixel log-variance, shared across z.
     """
 
-    def __init__(self, latent_dim: int, hidden_dim: int, data_dim: int):
+    def __init__(self, latent_dim: int, hidden: int | Sequence[int], data_dim: int, activation: str = "tanh"):
         super().__init__()
-        self.loc = mlp(latent_dim, hidden_dim, data_dim)
+        self.loc = mlp(latent_dim, hidden, data_dim, activation)
         self.log_var = nn.Parameter(torch.zeros(data_dim))
 
     def forward(self, z: torch.Tensor) -> dist.TorchDistribution:
@@ -224,8 +242,9 @@ def init_normal_(module: nn.Module, std: float) -> None:
 def build_vae(recipe, data_dim: int) -> VAE:
     """The VAE a recipe describes (layer sizes, likelihood, prior and initialisation)."""
     prior = make_prior(recipe.prior, recipe.latent_dim, **recipe.prior_options)
-    encoder = Encoder(data_dim, recipe.hidden_dim, recipe.latent_dim)
-    decoder = DECODERS[recipe.likelihood](recipe.latent_dim, recipe.hidden_dim, data_dim)
+    hidden = list(recipe.hidden_dims) or [recipe.hidden_dim]  # the encoder's widths; the decoder mirrors them
+    encoder = Encoder(data_dim, hidden, recipe.latent_dim, recipe.activation)
+    decoder = DECODERS[recipe.likelihood](recipe.latent_dim, hidden[::-1], data_dim, recipe.activation)
     if recipe.init == "normal":
         init_normal_(encoder, recipe.init_scale)
         init_normal_(decoder, recipe.init_scale)

@@ -154,4 +154,6 @@ def capture_plan(recipe, estimator_name: str, device: torch.device) -> str | Non
         return f"estimator '{estimator_name}' is not a plain reparameterized ELBO"
     if recipe.on_nan == "skip":
         return "on_nan = \"skip\" decides on the host before each update"
+    if recipe.lr_milestones:
+        return "an lr schedule (lr_milestones) changes lr, which a captured optimizer step would keep fixed"
     return None

@@ -42,7 +42,7 @@ from .cpu_allocator import allocator_status
 from .figures import write_figures
 from .guard import NaNGuard
 from .run_directory import RunDirectory, machine, tensorboard_writer, versions
-from .schedule import EpochOrder, crosses, kl_warmup_beta
+from .schedule import EpochOrder, crosses, kl_warmup_beta, lr_at
 from .setup import Run, build_run
 from .signals import StopSignals
 from .steps import choose_step
@@ -81,8 +81,8 @@ def train(
     M, total_steps = recipe.batch_size, math.ceil(recipe.max_samples / recipe.batch_size)
     check_every = 1 if recipe.on_nan == "skip" else recipe.sync_every or (1 if run.device.type == "cpu" else 50)
     step_fn = choose_step(run, check_every == 1, total_steps, progress)
-    order, clock = EpochOrder(run.num_data, M, run.device), _Clock()
-    start_step, nan_skips = restore(run, order, clock, payload) if payload is not None else (0, 0)
+    order, clock, best = EpochOrder(run.num_data, M, run.device), _Clock(), Best()
+    start_step, nan_skips = restore(run, order, clock, best, payload) if payload is not None else (0, 0)
     files = (RunDirectory.reopen(out_dir, start_step, step_fn.fast_path) if payload is not None else
              RunDirectory.create(out_dir, overwrite, recipe.to_toml(), run_info(run, step_fn.fast_path, check_every)))
     files.update(status="running")
@@ -95,7 +95,7 @@ def train(
     guard = NaNGuard(run, check_every, files.path, nan_skips)
 
     def save(step: int) -> None:
-        save_run_checkpoint(run, files.path, step, order, clock, guard.nan_skips)
+        save_run_checkpoint(run, files.path, step, order, clock, guard.nan_skips, best)
 
     if payload is None:
         save(0)  # so that a run killed before its first periodic checkpoint still resumes exactly
@@ -107,6 +107,7 @@ def train(
                 idx = order.indices(step)  # 1. a minibatch: (M,) indices into device-resident data
                 before, samples = step * M, (step + 1) * M
                 loss, finite = step_fn(idx, kl_warmup_beta(recipe, samples))  # 2.+3. gradient and update
+                run.scheduler.step()
                 step += 1
                 guard.after_step(step, finite, _batch(step_fn, run, idx))
                 bar.step(loss, finite, M, last=step == total_steps)
@@ -117,7 +118,7 @@ def train(
                 if guard.due(step) or evaluate_now or checkpoint_now:  # a checkpoint is always finite
                     guard.check(step, _batch(step_fn, run, idx))
                 if evaluate_now:
-                    bar.show(files.log(evaluation_row(run, clock, step, guard.nan_skips)))
+                    bar.show(log_evaluation(run, files, clock, step, guard.nan_skips, best))
                 if checkpoint_now:
                     save(step)
             if stop.received is not None and step < total_steps:
@@ -133,7 +134,7 @@ def train(
         files.update(status="interrupted", steps=step, samples=step * M, nan_skips=guard.nan_skips)
         raise Interrupted(f"stopped by {stop.received} at step {step} ({step * M:,} samples); checkpoint written. "
                           f"Continue with: pyro-aevb train --resume {files.path}", signal_name=stop.received)
-    return finish(run, files, clock, started, total_steps, guard.nan_skips)
+    return finish(run, files, clock, started, total_steps, guard.nan_skips, best)
 
 
 class _Clock:
@@ -182,12 +183,37 @@ def _batch(step_fn, run: Run, idx: torch.Tensor) -> torch.Tensor:
 
 
 def evaluate(run: Run) -> dict:
-    """Average bound per datapoint (with its standard error) on the train subset and the test split."""
-    analytic, vae, particles = run.kl == "analytic", run.vae, run.recipe.eval_particles
+    """Average bound per datapoint (with its standard error) on the train subset, the test split and, if
+    the recipe has one, the validation split."""
+    analytic, vae, particles, data = run.kl == "analytic", run.vae, run.recipe.eval_particles, run.data
     model, guide = vae.local_pair()
-    train = average_bound(model, guide, run.data.train_eval, particles, analytic)
-    test = average_bound(model, guide, run.data.test, particles, analytic)
-    return {"train_elbo": train.mean, "train_elbo_se": train.se, "test_elbo": test.mean, "test_elbo_se": test.se}
+    splits = {"train": data.train_eval, "test": data.test, **({"valid": data.valid} if data.valid is not None else {})}
+    row = {}
+    for split, x in splits.items():
+        bound = average_bound(model, guide, x, particles, analytic)
+        row.update({f"{split}_elbo": bound.mean, f"{split}_elbo_se": bound.se})
+    return row
+
+
+class Best:
+    """The best validation bound so far, the step it was reached at, and whether ``value`` beats it."""
+
+    def __init__(self, value: float = -math.inf, step: int | None = None):
+        self.value, self.step = value, step
+
+    def improves(self, value: float | None) -> bool:
+        return value is not None and math.isfinite(value) and value > self.value
+
+
+def log_evaluation(run: Run, files: RunDirectory, clock: "_Clock", step: int, nan_skips: int, best: Best) -> dict:
+    """Evaluate, append the row to ``metrics.jsonl`` and, on a new best validation bound, write ``best.pt``."""
+    row = files.log(evaluation_row(run, clock, step, nan_skips))
+    if best.improves(row.get("valid_elbo")):
+        best.value, best.step = row["valid_elbo"], step
+        save_checkpoint(files.path / "best.pt", model=run.vae.state_dict(), step=step, samples=row["samples"],
+                        valid_elbo=row["valid_elbo"], recipe=run.recipe.to_dict(),
+                        image_shape=list(run.data.dataset.image_shape))
+    return row
 
 
 def evaluation_row(run: Run, clock: _Clock, step: int, nan_skips: int) -> dict:
@@ -199,7 +225,8 @@ def evaluation_row(run: Run, clock: _Clock, step: int, nan_skips: int) -> dict:
     with torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []):
         bounds = evaluate(run)
     row = {"step": step, "samples": step * M, "epoch": step * M / run.num_data,
-           "beta": kl_warmup_beta(run.recipe, step * M), **bounds, "nan_skips": nan_skips,
+           "beta": kl_warmup_beta(run.recipe, step * M), "lr": lr_at(run.recipe, step), **bounds,
+           "nan_skips": nan_skips,
            "seconds": round(clock.seconds, 3), "eval_seconds": round(time.time() - t_eval, 3)}
     clock.resume()
     return row
@@ -226,14 +253,17 @@ def run_info(run: Run, fast_path: str, check_every: int) -> dict:
 
 
 def save_run_checkpoint(run: Run, run_dir: Path, step: int, order: EpochOrder, clock: _Clock,
-                        nan_skips: int) -> None:
-    """``checkpoint.pt``: model, optimizer (and the estimator's own state), step, data order, RNGs."""
+                        nan_skips: int, best: Best) -> None:
+    """``checkpoint.pt``: model, optimizer, lr schedule (and the estimator's own state), step, data order,
+    the best validation bound so far, RNGs."""
     estimator = run.estimator
     save_checkpoint(
         run_dir / "checkpoint.pt",
         model=run.vae.state_dict(),
         optimizer=run.optimizer.state_dict(),
+        scheduler=run.scheduler.state_dict(),
         **({"estimator": estimator.state_dict()} if isinstance(estimator, torch.nn.Module) else {}),
+        **({"best_valid_elbo": best.value, "best_step": best.step} if best.step is not None else {}),
         step=step,
         samples=step * run.recipe.batch_size,
         train_seconds=clock.seconds,
@@ -266,11 +296,15 @@ def resume_checkpoint(run_dir: Path, recipe: Recipe, force: bool) -> dict:
     return payload
 
 
-def restore(run: Run, order: EpochOrder, clock: _Clock, payload: dict) -> tuple[int, int]:
+def restore(run: Run, order: EpochOrder, clock: _Clock, best: Best, payload: dict) -> tuple[int, int]:
     """Put the checkpoint's state back into the run (after the step was built, so that a traced graph
     sees the restored parameters in place); returns (step, skipped NaN steps)."""
     run.vae.load_state_dict(payload["model"])
     run.optimizer.load_state_dict(payload["optimizer"])
+    if "scheduler" in payload:  # checkpoints written before lr schedules had none: a constant lr
+        run.scheduler.load_state_dict(payload["scheduler"])
+    if "best_step" in payload:
+        best.value, best.step = payload["best_valid_elbo"], payload["best_step"]
     if isinstance(run.estimator, torch.nn.Module) and "estimator" in payload:
         run.estimator.load_state_dict(payload["estimator"])
     order.perm = payload["perm"].to(run.device)
@@ -280,7 +314,7 @@ def restore(run: Run, order: EpochOrder, clock: _Clock, payload: dict) -> tuple[
 
 
 def finish(run: Run, files: RunDirectory, clock: _Clock, started: float, total_steps: int,
-           nan_skips: int) -> TrainResult:
+           nan_skips: int, best: Best) -> TrainResult:
     """Figures and the final ``run.json`` of a completed run."""
     train_seconds = clock.seconds
     write_figures(run.vae, run.data, files.metrics, files.path, run.recipe)
@@ -294,5 +328,6 @@ def finish(run: Run, files: RunDirectory, clock: _Clock, started: float, total_s
         samples=total_steps * run.recipe.batch_size,
         nan_skips=nan_skips,
         final={k: final[k] for k in ("train_elbo", "train_elbo_se", "test_elbo", "test_elbo_se")},
+        **({"best": {"step": best.step, "valid_elbo": best.value}} if best.step is not None else {}),
     )
     return TrainResult(run.vae, files.path, files.metrics, files.info)

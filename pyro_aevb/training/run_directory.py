@@ -142,9 +142,14 @@ def tensorboard_writer():
     return SummaryWriter
 
 
-def load(run_dir: str | Path, device: str | None = None) -> VAE:
+CHECKPOINTS = {"last": "checkpoint.pt", "best": "best.pt"}
+
+
+def load(run_dir: str | Path, device: str | None = None, checkpoint: str = "last") -> VAE:
     """The trained VAE of a run directory, on the run's device (or ``device``).
 
+    ``checkpoint``: ``"last"`` (``checkpoint.pt``, the end of training) or ``"best"`` (``best.pt``, the
+    parameters with the best validation bound, in runs with ``validation_size > 0``).
     ``vae.model(x)`` and ``vae.guide(x)`` take a batch of shape (N, D) and work
     with any ``pyro.infer`` ELBO; ``vae.recipe`` is the resolved recipe,
     ``vae.metrics`` the evaluation rows and ``vae.run_dir`` the directory.
@@ -152,7 +157,12 @@ def load(run_dir: str | Path, device: str | None = None) -> VAE:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ConfigError(f"run directory {run_dir} does not exist; train one with `pyro-aevb train --out {run_dir}`")
-    payload = load_checkpoint(run_dir / "checkpoint.pt")
+    if checkpoint not in CHECKPOINTS:
+        raise ConfigError(f"checkpoint must be one of {', '.join(CHECKPOINTS)}, got {checkpoint!r}")
+    if checkpoint == "best" and not (run_dir / "best.pt").is_file():
+        raise ConfigError(f"{run_dir} has no best.pt: only runs with a validation split (validation_size > 0) "
+                          "keep one; use the last checkpoint")
+    payload = load_checkpoint(run_dir / CHECKPOINTS[checkpoint])
     recipe = make_recipe(payload["recipe"])
     device = device or recipe.device
     if device == "cuda" and not torch.cuda.is_available():
@@ -168,6 +178,7 @@ def load(run_dir: str | Path, device: str | None = None) -> VAE:
     vae.recipe = recipe
     vae.run_dir = run_dir
     vae.step = payload["step"]
+    vae.checkpoint = checkpoint
     vae.image_shape = tuple(payload["image_shape"])
     vae.metrics = read_metrics(run_dir / "metrics.jsonl")
     return vae

@@ -19,6 +19,17 @@ def kl_warmup_beta(recipe: Recipe, samples: int) -> float:
     return recipe.beta * min(1.0, samples / recipe.kl_warmup)
 
 
+def milestone_steps(recipe: Recipe) -> list[int]:
+    """The steps after which lr drops: milestone m (training samples) is passed by step ceil(m / M)."""
+    return [-(-samples // recipe.batch_size) for samples in recipe.lr_milestones]
+
+
+def lr_at(recipe: Recipe, step: int) -> float:
+    """The step size step number ``step`` (1-based) trains with: ``lr`` times ``lr_gamma`` for each milestone
+    passed by an earlier step (what ``MultiStepLR``, stepped after every update, gives)."""
+    return recipe.lr * recipe.lr_gamma ** sum(m < step for m in milestone_steps(recipe))
+
+
 def crosses(before: int, after: int, every: int) -> bool:
     """Does the step from ``before`` to ``after`` training samples pass a multiple of ``every``?"""
     return after // every > before // every

@@ -19,6 +19,7 @@ from ..errors import ConfigError, DataError, TrainingError
 from ..generative.vae import VAE, build_vae
 from ..infer.registry import estimator_parameters, kl_status, make_estimator
 from .cuda_graphs import capture_plan
+from .schedule import milestone_steps
 
 
 def resolve_device(name: str) -> torch.device:
@@ -36,6 +37,7 @@ class TrainingData:
     train_eval: torch.Tensor  # (n_eval, D), fixed (binarized once if dynamic)
     test: torch.Tensor  # (N_test, D), fixed (binarized once if dynamic)
     dynamic_binarization: bool  # draw fresh binary images from grey-scale pixels at each minibatch
+    valid: torch.Tensor | None = None  # (N_valid, D), fixed, or None without a validation split
 
     @property
     def num_data(self) -> int:
@@ -56,12 +58,30 @@ def prepare_data(recipe: Recipe, device: torch.device, dataset: Dataset | None =
         if x.min() < 0 or x.max() > 1:
             raise DataError(f"data set '{dataset.name}' ({split}) has values outside [0, 1]; rescale it")
     dynamic = recipe.likelihood == "bernoulli" and not dataset.binary
+    train, valid = validation_split(dataset, recipe.validation_size)
     # A fixed generator: the evaluation sets are the same binary images at every evaluation.
     gen = torch.Generator().manual_seed(recipe.seed + 12345)
     fixed = (lambda x: torch.bernoulli(x, generator=gen)) if dynamic else (lambda x: x)
-    train_eval = fixed(dataset.train[: recipe.eval_train_size])
+    train_eval = fixed(train[: recipe.eval_train_size])
     test = fixed(dataset.test)
-    return TrainingData(dataset, dataset.train.to(device), train_eval.to(device), test.to(device), dynamic)
+    valid = fixed(valid).to(device) if valid is not None else None
+    return TrainingData(dataset, train.to(device), train_eval.to(device), test.to(device), dynamic, valid)
+
+
+def validation_split(dataset: Dataset, size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(training rows, validation rows): the data set's own validation split's first ``size`` rows, else the
+    last ``size`` training rows, held out of training; ``size = 0``: all training rows and no validation."""
+    if size == 0:
+        return dataset.train, None
+    if dataset.valid is not None:
+        if size > dataset.valid.shape[0]:
+            raise ConfigError(f"validation_size {size} is larger than {dataset.name}'s validation split "
+                              f"({dataset.valid.shape[0]}); lower validation_size")
+        return dataset.train, dataset.valid[:size]
+    if size >= dataset.train.shape[0]:
+        raise ConfigError(f"validation_size {size} would hold out all of {dataset.name}'s {dataset.train.shape[0]} "
+                          "training points; lower validation_size")
+    return dataset.train[:-size], dataset.train[-size:]
 
 
 def make_optimizer(recipe: Recipe, params, capturable: bool = False) -> torch.optim.Optimizer:
@@ -102,6 +122,7 @@ class Run:
     estimator: object  # an object with Pyro's ELBO interface (pyro_aevb.infer.registry)
     params: dict[str, torch.nn.Parameter]  # every trainable tensor, the estimator's own included
     optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler  # the recipe's step schedule (constant without milestones)
     kl: str  # "analytic" or "monte-carlo": what estimator B really computes (kl_status)
 
     @property
@@ -145,4 +166,10 @@ def build_run(recipe: Recipe, dataset: Dataset | None = None, initial_state: dic
     if bad:
         raise TrainingError(f"parameter '{bad[0]}' is non-finite before training; check the initial state")
     kl = kl_status(*vae.local_pair(), data.train_eval[: recipe.batch_size])
-    return Run(recipe, device, data, vae, estimator, params, optimizer, kl)
+    return Run(recipe, device, data, vae, estimator, params, optimizer, make_scheduler(recipe, optimizer), kl)
+
+
+def make_scheduler(recipe: Recipe, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.MultiStepLR:
+    """lr times ``lr_gamma`` at each of ``lr_milestones`` (training samples, here turned into steps of M):
+    ``MultiStepLR``, stepped once per training step, its state in the checkpoint."""
+    return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestone_steps(recipe), gamma=recipe.lr_gamma)

@@ -1,0 +1,172 @@
+r"""``pyro-aevb figure2``: the AEVB paper's Figure 2, AEVB against wake-sleep in every panel.
+
+Kingma & Welling (2013, Sec. 5, Figure 2) compare AEVB with wake-sleep on MNIST with
+Nz = 3, 5, 10, 20 and 200 and on Frey Face with Nz = 2, 5, 10 and 20: the average lower bound per
+datapoint against the number of training samples evaluated, on a log axis, training bound solid,
+test bound dashed.
+
+Each (panel, estimator) is an ordinary run directory, ``OUT/<recipe>/<estimator>/``, trained from
+the panel's shipped recipe (``models/mnist_nz3.toml``, ...) with ``estimator`` and ``max_samples`` set
+(and the command's ``--set`` overrides), so it can equally be made by ``pyro-aevb train RECIPE --set
+estimator=... --out OUT/<recipe>/<estimator>``. The command trains what is missing, resumes what was
+interrupted (``--resume``, exactly), continues a finished run to a larger budget, and collects what
+is done; then it writes ``OUT/figure2.json`` (every curve, final bounds) and ``OUT/figure2.png``.
+Both estimators of a panel start from the same initial parameters (same recipe, same seed).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from ..config import Recipe, load_recipe, make_recipe
+from ..errors import ConfigError
+from ..training.loop import train
+from ..training.checkpoint import load_checkpoint
+from ..training.run_directory import read_metrics
+from .common import add_data_arguments, overrides_of, run_recipe
+
+MNIST_PANELS = ("mnist_nz3", "mnist_nz5", "mnist_nz10", "mnist_nz20", "mnist_nz200")
+FREY_PANELS = ("frey_nz2", "frey_nz5", "frey_nz10", "frey_nz20")
+PANELS = MNIST_PANELS + FREY_PANELS
+ESTIMATORS = ("sgvb-b", "wake-sleep")
+LABELS = {"sgvb-b": "AEVB", "wake-sleep": "wake-sleep"}
+
+
+def panel_recipe(panel: str, estimator: str, budget: int, overrides: list[str]) -> Recipe:
+    """The shipped recipe of ``panel`` with the estimator, the budget and ``overrides``; the evaluation
+    every budget/100 samples unless ``overrides`` set ``eval_every``."""
+    recipe = load_recipe(panel, overrides)
+    extra = {"estimator": estimator, "estimator_options": {}, "max_samples": budget}
+    if not any(o.split("=", 1)[0].strip() == "eval_every" for o in overrides):
+        extra["eval_every"] = max(1, budget // 100)
+    return make_recipe(extra, base=recipe)
+
+
+def run_state(run_dir: Path) -> tuple[str, int]:
+    """(``"missing"`` | ``"interrupted"`` | ``"complete"``, training samples done) of a run directory."""
+    info_path = run_dir / "run.json"
+    if not (run_dir / "checkpoint.pt").is_file() or not info_path.is_file():
+        return "missing", 0
+    info = json.loads(info_path.read_text())
+    if info.get("status") == "complete":
+        return "complete", info["samples"]
+    return "interrupted", 0
+
+
+def train_panel(recipe: Recipe, run_dir: Path, progress: bool) -> str:
+    """Train, resume or continue one run to ``recipe.max_samples``; returns what was done.
+
+    A run already there goes on with its own recipe (from its checkpoint), only the budget set: an
+    interrupted one exactly from its checkpoint, a finished shorter one on to the larger budget."""
+    state, samples = run_state(run_dir)
+    if state == "complete" and samples >= recipe.max_samples:
+        return "collected"
+    if state == "missing":
+        train(recipe, run_dir, overwrite=run_dir.exists(), progress=progress)
+        return "trained"
+    own = run_recipe(run_dir, [f"max_samples={recipe.max_samples}"])
+    saved = load_checkpoint(run_dir / "checkpoint.pt")["recipe"]
+    train(own, run_dir, progress=progress, resume=True, force=saved["max_samples"] != own.max_samples)
+    return "resumed" if state == "interrupted" else "continued"
+
+
+def figure2(out_dir: str | Path, panels=PANELS, estimators=ESTIMATORS, budget: int = 10_000_000,
+            overrides: list[str] | None = None, collect_only: bool = False, progress: bool = False) -> dict:
+    """Train or collect every (panel, estimator) run under ``out_dir``; write figure2.json and figure2.png."""
+    out_dir = Path(out_dir)
+    overrides = list(overrides or [])
+    figure = {"budget": budget, "overrides": overrides, "panels": {}}
+    for panel in panels:
+        curves = {}
+        for estimator in estimators:
+            run_dir = out_dir / panel / estimator
+            if collect_only:
+                action = "collected" if run_state(run_dir)[0] != "missing" else "missing"
+            else:
+                action = train_panel(panel_recipe(panel, estimator, budget, overrides), run_dir, progress)
+            rows = [r for r in read_metrics(run_dir / "metrics.jsonl") if r["samples"] <= budget]
+            curves[estimator] = {"action": action, "run_dir": str(run_dir),
+                                 "samples": [r["samples"] for r in rows],
+                                 "train_elbo": [r["train_elbo"] for r in rows],
+                                 "test_elbo": [r["test_elbo"] for r in rows],
+                                 "final": rows[-1] if rows else None}
+        figure["panels"][panel] = curves
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "figure2.json").write_text(json.dumps(figure, indent=1) + "\n")
+    plot_figure2(figure, out_dir / "figure2.png")
+    return figure
+
+
+def plot_figure2(figure: dict, path: Path) -> None:
+    """One panel per recipe, MNIST on the top row and Frey Face below, as in the paper."""
+    from ..plots import plot_train_test, plt
+
+    panels = list(figure["panels"])
+    rows = [[p for p in panels if p.startswith("mnist")], [p for p in panels if not p.startswith("mnist")]]
+    rows = [r for r in rows if r]
+    ncols = max(len(r) for r in rows)
+    fig, axes = plt.subplots(len(rows), ncols, figsize=(3.6 * ncols, 3.2 * len(rows)), squeeze=False)
+    for i, row in enumerate(rows):
+        for j in range(ncols):
+            ax = axes[i][j]
+            if j >= len(row):
+                ax.set_axis_off()
+                continue
+            curves = figure["panels"][row[j]]
+            series = {LABELS.get(e, e): (c["samples"], c["train_elbo"], c["test_elbo"])
+                      for e, c in curves.items() if c["samples"]}
+            dataset, nz = row[j].split("_nz")
+            plot_train_test(series, path, "bound per datapoint" if j == 0 else "",
+                            f"{'MNIST' if dataset == 'mnist' else 'Frey Face'}, $N_z$ = {nz}", ax=ax, marker="o")
+            ax.legend(fontsize="x-small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def format_table(figure: dict) -> str:
+    lines = [f"{'panel':<12} {'estimator':<12} {'samples':>12} {'train bound':>12} {'test bound':>18} {'action':>10}"]
+    for panel, curves in figure["panels"].items():
+        for estimator, c in curves.items():
+            f = c["final"]
+            if f is None:
+                lines.append(f"{panel:<12} {estimator:<12} {'-':>12} {'-':>12} {'-':>18} {c['action']:>10}")
+                continue
+            test = f"{f['test_elbo']:.2f} ± {f['test_elbo_se']:.2f}"
+            lines.append(f"{panel:<12} {estimator:<12} {f['samples']:>12,} {f['train_elbo']:>12.2f} {test:>18} "
+                         f"{c['action']:>10}")
+    return "\n".join(lines)
+
+
+def parse_names(text: str, valid: tuple[str, ...], what: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in valid]
+    if not names or unknown:
+        raise ConfigError(f"--{what} {text!r}: give names separated by commas from {', '.join(valid)}")
+    return names
+
+
+def command(args) -> None:
+    budget = int(float(args.budget))
+    if not math.isfinite(float(args.budget)) or budget <= 0:
+        raise ConfigError(f"--budget must be a positive number of training samples, got {args.budget}")
+    figure = figure2(args.out, parse_names(args.panels, PANELS, "panels"),
+                     parse_names(args.estimators, ESTIMATORS, "estimators"), budget, overrides_of(args),
+                     collect_only=args.collect_only, progress=not args.no_progress)
+    print(format_table(figure))
+    print(f"(average lower bound per datapoint, nats, at up to {budget:,} training samples) -> "
+          f"{args.out}/figure2.json, {args.out}/figure2.png")
+
+
+def register(subparsers, help: str = "") -> None:
+    p = subparsers.add_parser("figure2", help=help, description=help)
+    p.add_argument("--out", required=True, help="the figure's folder: one run directory per panel and estimator")
+    p.add_argument("--budget", default="1e7", help="training samples per run (default 1e7; the paper's: 1e8)")
+    p.add_argument("--panels", default=",".join(PANELS), help=f"recipes, comma-separated (default: all {len(PANELS)})")
+    p.add_argument("--estimators", default=",".join(ESTIMATORS), help="default: sgvb-b,wake-sleep")
+    p.add_argument("--collect-only", action="store_true", help="draw from the run directories there, train nothing")
+    add_data_arguments(p)
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=command)
