@@ -49,7 +49,7 @@ def test_bench_quick_runs_and_reports():
         assert r["median_step_seconds"] > 0 and r["device"] == "cpu"
     assert [r["ratio_to_reference"] for r in rows if r["path"] == "reference"] == [1.0]
     mm, ll = [r for r in rows if "num_samples" in r]
-    assert mm["path"] == "torch.mm, same shapes" and ll["path"] == "log_likelihood K=500"
+    assert mm["path"] == "torch.mm, same shapes" and ll["path"] == "log_likelihood K=500, eager"
     assert ll["ratio_to_reference"] == pytest.approx(ll["median_step_seconds"] / mm["median_step_seconds"])
     assert 0 < ll["matmul_share"] < 2 and ll["gflops_per_second"] > 0
 

@@ -54,7 +54,7 @@ def _log_likelihood(vae, x, args) -> dict:
         pyro.set_rng_seed(args.seed)
     summary = likelihood_summary(*vae.local_pair(), x, args.num_samples, args.chunk_size, args.khat_points,
                                  progress=not args.no_progress)
-    keys = ("log_likelihood", "log_likelihood_se", "num_samples", "ess_mean", "ess_min", "khat")
+    keys = ("log_likelihood", "log_likelihood_se", "num_samples", "ess_mean", "ess_min", "khat", "compiled")
     return {k: summary[k] for k in keys}
 
 

@@ -208,4 +208,5 @@ def likelihood_summary(
         "ess_mean": result.ess.mean().item(),
         "ess_min": result.ess.min().item(),
         "khat": khat_summary(khat),
+        "compiled": result.compiled,
     }

@@ -35,7 +35,6 @@ truth, and the replayed graph draws fresh noise at every call. Two backends:
 from __future__ import annotations
 
 import contextlib
-import logging
 import warnings
 from itertools import chain
 from unittest import mock
@@ -45,6 +44,8 @@ import torch
 import pyro
 import pyro.infer.trace_elbo
 import pyro.infer.trace_mean_field_elbo
+
+from ..graphs import compile_graph, quiet_compiler, record
 
 #: estimators whose loss is one reparameterized, static graph
 JIT_ESTIMATORS = ("sgvb-a", "sgvb-b")
@@ -158,53 +159,21 @@ def _loss_values_unread():
         yield
 
 
-#: operations whose result's shape depends on tensor values (with a boolean index, for aten.index*)
-_DATA_DEPENDENT = ("aten.nonzero", "aten.masked_select", "aten.argwhere", "aten.unique", "aten._unique",
-                   "aten.unique_consecutive")
-_INDEXING = ("aten.index.Tensor", "aten.index_put", "aten.index_put_", "aten._index_put_impl_")
-
-
-def _data_dependent_shape(graph: torch.fx.GraphModule) -> str | None:
-    """The first operation of a ``make_fx`` graph whose output shape depends on the data, or None.
-
-    ``make_fx`` records such a shape as the constant it had at trace time (``x[mask]`` with 21 true
-    entries becomes a view of 21 elements), so replaying the graph would break or be wrong."""
-    for node in graph.graph.nodes:
-        if node.op != "call_function":
-            continue
-        name = str(node.target).rsplit(".default", 1)[0]
-        if name.startswith(_DATA_DEPENDENT):
-            return name
-        if name in _INDEXING:
-            indices = node.args[1] if len(node.args) > 1 else ()
-            for index in indices if isinstance(indices, (list, tuple)) else (indices,):
-                value = getattr(index, "meta", {}).get("val")
-                if value is not None and value.dtype in (torch.bool, torch.uint8):
-                    return f"{name} with a boolean mask"
-    return None
-
-
 def _inductor(module: SurrogateLossModule, example_x: torch.Tensor, beta: torch.Tensor):
     """``(x, beta) -> loss``: the ELBO recorded as ATen operations, compiled by TorchInductor.
 
     Parameters and buffers are inputs of the graph (not constants), so optimizer updates and
     ``load_state_dict`` reach it; the returned function passes the module's own tensors.
     """
-    from torch.fx.experimental.proxy_tensor import make_fx
-
     names, tensors = zip(*chain(module.named_parameters(), module.named_buffers()))
 
     def loss(x, beta, *state):
         return torch.func.functional_call(module, dict(zip(names, state)), (x, beta))
 
     with _loss_values_unread():
-        graph = make_fx(loss)(example_x, beta, *tensors)
-    data_dependent = _data_dependent_shape(graph)
-    if data_dependent is not None:  # make_fx froze a shape that the data decides: replays would break
-        raise NotImplementedError(f"a shape depends on the data: {data_dependent}")
-    # fallback_random: draw noise with ATen's generator, as eager Pyro does, not inductor's own.
+        graph = record(loss, example_x, beta, *tensors)  # refuses a shape that the data decides
     # fullgraph: one graph, so forward and backward are one compiled function each, or an error here.
-    compiled = torch.compile(graph, dynamic=False, fullgraph=True, options={"fallback_random": True})
+    compiled = compile_graph(graph)
     shape = tuple(example_x.shape)
 
     def call(x: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
@@ -213,12 +182,7 @@ def _inductor(module: SurrogateLossModule, example_x: torch.Tensor, beta: torch.
                              f"{tuple(x.shape)}; use fast_path = \"jit\" for minibatches of varying size")
         return compiled(x, beta, *tensors)
 
-    logger = logging.getLogger("torch.utils.cpp_extension")  # warns "No CUDA runtime is found" on CPU machines
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:  # compile now, the backward too, so that a failure falls back here and not mid-run
+    with quiet_compiler():  # compile now, the backward too, so that a failure falls back here and not mid-run
         trainable = [t for t in tensors if t.requires_grad]
         torch.autograd.grad(call(example_x, beta), trainable, allow_unused=True)  # leaves .grad alone
-    finally:
-        logger.setLevel(level)
     return call
