@@ -178,7 +178,8 @@ def test_likelihood_summary_on_a_tiny_vae():
     summary = likelihood_summary(vae.model, vae.guide, images, num_samples=100, chunk_size=250, khat_points=5,
                                  progress=False)
     print(f"\n{json.dumps(summary)}")
-    assert set(summary) == {"log_likelihood", "log_likelihood_se", "n", "num_samples", "ess_mean", "ess_min", "khat"}
+    assert set(summary) == {"log_likelihood", "log_likelihood_se", "n", "num_samples", "ess_mean", "ess_min", "khat",
+                            "compiled"}
     assert summary["n"] == 12 and summary["num_samples"] == 100
     for key in ["log_likelihood", "log_likelihood_se", "ess_mean", "ess_min"]:
         assert math.isfinite(summary[key]), key
