@@ -6,7 +6,10 @@ Run as ``python tests/hooked_cli.py ARGS...``: the same command line as ``pyro-a
 * ``PYRO_AEVB_TEST_SIGNAL_AT_STEP=n:SIGTERM[:k]``: send it that signal there (default SIGINT), k times
   (default once: twice is a second Ctrl-C);
 * ``PYRO_AEVB_TEST_KILL_IN_WRITE=NAME:n``: SIGKILL it in the middle of the n-th atomic write of the
-  file NAME, once half its bytes reached the temporary file.
+  file NAME, once half its bytes reached the temporary file;
+* under torchrun: ``PYRO_AEVB_TEST_KILL_RANK=r`` limits the step hooks to rank r, and
+  ``PYRO_AEVB_TEST_KILL_GROUP_AT_STEP=n`` SIGKILLs the whole run after step n: every rank kills
+  torchrun's agent (its parent) and itself.
 
 The step hooks go in through ``train``'s ``callback``; the write hook wraps ``atomic_write``.
 """
@@ -22,6 +25,12 @@ from pyro_aevb.commands.cli import main
 
 
 def at_step(step: int) -> None:
+    rank = os.environ.get("RANK", "0")
+    if os.environ.get("PYRO_AEVB_TEST_KILL_GROUP_AT_STEP") == str(step):
+        os.kill(os.getppid(), signal.SIGKILL)
+        os.kill(os.getpid(), signal.SIGKILL)
+    if os.environ.get("PYRO_AEVB_TEST_KILL_RANK", rank) != rank:
+        return
     if os.environ.get("PYRO_AEVB_TEST_KILL_AT_STEP") == str(step):
         os.kill(os.getpid(), signal.SIGKILL)
     at, _, rest = os.environ.get("PYRO_AEVB_TEST_SIGNAL_AT_STEP", "").partition(":")

@@ -34,6 +34,7 @@ from ..training.cpu_allocator import allocator_status
 from ..training.cuda_graphs import WARMUP_STEPS, CapturedStep
 from ..training.setup import make_optimizer, resolve_device
 from ..training.tracing import COMPILE_MIN_STEPS, compile_loss
+from .common import single_process
 
 
 def reference_loss(vae: VAE, x: torch.Tensor, num_data: int) -> torch.Tensor:
@@ -252,6 +253,7 @@ def _print_table(rows: list[dict]) -> None:
 
 
 def command(args) -> None:
+    single_process("bench")
     rows = run_bench(args.device, args.quick)
     if args.json:
         print(json.dumps(rows))

@@ -13,7 +13,7 @@ import importlib
 import os
 import sys
 
-from ..errors import AEVBError
+from ..errors import AEVBError, ConfigError
 from ..version import __version__
 from .common import Parser
 
@@ -46,19 +46,26 @@ def build_parser(only: str | None = None) -> Parser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    debug = "--debug" in argv
+    debug, rank = "--debug" in argv, 0
     try:
         command = next((a for a in argv if a in COMMANDS), "")  # "": no command's options are needed
         args = build_parser(command).parse_args(argv)
         os.environ.setdefault("MPLBACKEND", "Agg")  # figures are files: no display on servers or in CI
+        from ..training import distributed
         from ..training.cpu_allocator import tune_cpu_allocator
 
         tune_cpu_allocator()  # every command's CPU work reuses freed memory (see pyro_aevb.training.cpu_allocator)
-        args.func(args)
+        if distributed.launched():  # torchrun: join the process group (gloo; NCCL on CUDA)
+            rank = distributed.init().rank
+        try:
+            args.func(args)
+        finally:
+            distributed.shutdown()
     except AEVBError as e:
         if debug:
             raise
-        print(f"pyro-aevb: error: {e}", file=sys.stderr)
+        if rank == 0 or not isinstance(e, ConfigError):  # a usage error is the same on every rank: say it once
+            print(f"pyro-aevb: error{f' (rank {rank})' if rank else ''}: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("pyro-aevb: interrupted", file=sys.stderr)

@@ -43,6 +43,15 @@ def run_recipe(run_dir: str | Path, overrides: list[str]):
     return make_recipe(apply_overrides(load_checkpoint(run_dir / "checkpoint.pt")["recipe"], overrides))
 
 
+def single_process(command: str) -> None:
+    """Refuse, in one line, a command that runs in one process only when torchrun started several."""
+    from ..training.distributed import world
+
+    if world().distributed:
+        raise ConfigError(f"`pyro-aevb {command}` runs in one process: launch it without torchrun (only `train` "
+                          "and `evaluate` run data-parallel)")
+
+
 def add_data_arguments(p: argparse.ArgumentParser) -> None:
     """``--set``, ``--data-dir``, ``--device`` and ``--seed``: the recipe overrides every training command takes."""
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe key (repeatable)")

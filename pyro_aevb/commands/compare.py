@@ -26,7 +26,7 @@ from ..errors import ConfigError
 from ..infer.registry import ESTIMATORS
 from ..training.loop import train
 from ..training.setup import initial_vae
-from .common import add_run_arguments, default_out_dir, overrides_of
+from .common import add_run_arguments, default_out_dir, overrides_of, single_process
 
 DEFAULT_ESTIMATORS = "sgvb-b,wake-sleep"
 
@@ -152,6 +152,7 @@ def format_table(comparison: dict) -> str:
 
 
 def command(args) -> None:
+    single_process("compare")
     names = parse_estimators(args.estimators)
     options = parse_options(args.option, names)
     recipe = load_recipe(args.recipe, overrides_of(args))

@@ -6,12 +6,14 @@ from __future__ import annotations
 import json
 
 import pyro
+import torch
 
 from ..errors import ConfigError
-from ..evaluation.bounds import average_bound
+from ..evaluation.bounds import Bound, average_bound, bound_values
 from ..evaluation.marginal_likelihood import DEFAULT_CHUNK_SIZE
 from ..infer.registry import kl_status
 from ..training.run_directory import load
+from ..training.distributed import all_sum, device_for, shard, world
 from ..training.setup import prepare_data, resolve_device
 
 
@@ -25,7 +27,13 @@ def _check(args) -> None:
 def command(args) -> None:
     args.chunk_size = DEFAULT_CHUNK_SIZE if args.chunk_size is None else args.chunk_size
     _check(args)
-    vae = load(args.run_dir, device=args.device, checkpoint=args.checkpoint)
+    w = world()
+    if w.distributed and args.amortization_gap is not None:
+        raise ConfigError("--amortization-gap runs in one process: launch it without torchrun")
+    device = str(device_for(args.device, w)) if args.device else None
+    vae = load(args.run_dir, device=device, checkpoint=args.checkpoint)
+    if w.distributed and vae.recipe.device == "cuda" and device is None:
+        vae.to(device_for("cuda", w))
     recipe = vae.recipe
     if args.data_dir:
         recipe.data_dir = args.data_dir
@@ -36,7 +44,7 @@ def command(args) -> None:
     x = {"test": data.test, "train": data.train_eval, "valid": data.valid}[args.split]
     kl = kl_status(*vae.local_pair(), x[: recipe.batch_size])
     particles = args.num_particles or recipe.eval_particles
-    bound = average_bound(*vae.local_pair(), x, particles, analytic_kl=kl == "analytic")
+    bound = _bound(vae, x, particles, kl == "analytic", w)
     result = {"split": args.split, "n": bound.n, "elbo": bound.mean, "elbo_se": bound.se,
               "num_particles": particles, "kl": kl, "run_dir": str(args.run_dir), "checkpoint": args.checkpoint,
               "step": vae.step}
@@ -44,18 +52,45 @@ def command(args) -> None:
         result.update(_log_likelihood(vae, x, args))
     if args.amortization_gap is not None:
         result["amortization_gap"] = _amortization_gap(vae, x, args)
-    print(json.dumps(result) if args.json else _report(result, args))
+    if w.distributed:
+        result["world_size"] = w.size
+    if w.main:
+        print(json.dumps(result) if args.json else _report(result, args))
+
+
+def _bound(vae, x, particles: int, analytic: bool, w) -> Bound:
+    """The average bound over x; under torchrun each rank scores its own rows and the sums are added up."""
+    if not w.distributed:
+        return average_bound(*vae.local_pair(), x, particles, analytic_kl=analytic)
+    values = bound_values(*vae.local_pair(), x[shard(x.shape[0], w)], particles, analytic).to(torch.float64)
+    return Bound.from_sums(*all_sum(torch.stack([values.sum(), (values**2).sum(),
+                                                 values.new_tensor(values.numel())])).tolist())
 
 
 def _log_likelihood(vae, x, args) -> dict:
-    from ..evaluation.diagnostics import likelihood_summary
+    from ..evaluation.diagnostics import khat_summary, likelihood_summary, psis_khat
+    from ..evaluation.marginal_likelihood import log_likelihood
 
+    w = world()
     if args.seed is not None:
-        pyro.set_rng_seed(args.seed)
-    summary = likelihood_summary(*vae.local_pair(), x, args.num_samples, args.chunk_size, args.khat_points,
-                                 progress=not args.no_progress)
+        pyro.set_rng_seed(args.seed + w.rank)  # each rank its own noise (its own rows, too)
     keys = ("log_likelihood", "log_likelihood_se", "num_samples", "ess_mean", "ess_min", "khat", "compiled")
-    return {k: summary[k] for k in keys}
+    if not w.distributed:
+        summary = likelihood_summary(*vae.local_pair(), x, args.num_samples, args.chunk_size, args.khat_points,
+                                     progress=not args.no_progress)
+        return {k: summary[k] for k in keys}
+    rows = x[shard(x.shape[0], w)]  # rank 0 holds the first rows: PSIS k-hat is on them, as in one process
+    result = log_likelihood(*vae.local_pair(), rows, args.num_samples, args.chunk_size, return_diagnostics=True,
+                            keep_log_weights=args.khat_points if w.main else 0, progress=not args.no_progress and w.main)
+    ll, ess = result.log_likelihood.to(torch.float64), result.ess.to(torch.float64)
+    sums = all_sum(torch.stack([ll.sum(), (ll**2).sum(), ll.new_tensor(ll.numel()), ess.sum()]))
+    ess_min = -all_sum(torch.zeros(w.size, dtype=torch.float64).index_fill_(0, torch.tensor([w.rank]),
+                                                                         -ess.min().item())).max()
+    bound = Bound.from_sums(*sums[:3].tolist())
+    khat = psis_khat(result.log_weights) if result.log_weights is not None else torch.zeros(0)
+    return {"log_likelihood": bound.mean, "log_likelihood_se": bound.se, "num_samples": args.num_samples,
+            "ess_mean": (sums[3] / sums[2]).item(), "ess_min": ess_min.item(), "khat": khat_summary(khat),
+            "compiled": result.compiled}
 
 
 def _amortization_gap(vae, x, args) -> dict:

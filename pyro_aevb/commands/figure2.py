@@ -25,7 +25,7 @@ from ..errors import ConfigError
 from ..training.loop import train
 from ..training.checkpoint import load_checkpoint
 from ..training.run_directory import read_metrics
-from .common import add_data_arguments, overrides_of, run_recipe
+from .common import add_data_arguments, overrides_of, run_recipe, single_process
 
 MNIST_PANELS = ("mnist_nz3", "mnist_nz5", "mnist_nz10", "mnist_nz20", "mnist_nz200")
 FREY_PANELS = ("frey_nz2", "frey_nz5", "frey_nz10", "frey_nz20")
@@ -149,6 +149,7 @@ def parse_names(text: str, valid: tuple[str, ...], what: str) -> list[str]:
 
 
 def command(args) -> None:
+    single_process("figure2")
     budget = int(float(args.budget))
     if not math.isfinite(float(args.budget)) or budget <= 0:
         raise ConfigError(f"--budget must be a positive number of training samples, got {args.budget}")

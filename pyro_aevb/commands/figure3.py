@@ -37,7 +37,7 @@ from ..errors import ConfigError
 from ..evaluation.appendix_d import hmc_log_likelihood
 from ..evaluation.bounds import mean_se
 from ..training.loop import train
-from .common import add_run_arguments, default_out_dir, overrides_of
+from .common import add_run_arguments, default_out_dir, overrides_of, single_process
 from .compare import estimator_recipe, initial_state, parse_estimators, parse_options, state_digest
 
 DEFAULT_ESTIMATORS = "sgvb-b,wake-sleep,mcem"
@@ -194,6 +194,7 @@ def format_table(figure: dict) -> str:
 
 
 def command(args) -> None:
+    single_process("figure3")
     names = parse_estimators(args.estimators)
     options = parse_options(args.option, names)
     budgets = parse_budgets(args.budgets)

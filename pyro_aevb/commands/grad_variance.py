@@ -50,7 +50,7 @@ from ..evaluation.bounds import log_weights
 from ..infer.registry import backward, make_estimator
 from ..training.run_directory import load
 from ..training.setup import initial_vae, prepare_data, resolve_device
-from .common import add_data_arguments, overrides_of, run_recipe
+from .common import add_data_arguments, overrides_of, run_recipe, single_process
 
 REFERENCE = "sgvb-b"
 GROUPS = ("encoder", "decoder")
@@ -243,6 +243,7 @@ def plot(results: dict, path: Path, title: str = "", draws: int | None = None) -
 
 
 def command(args) -> None:
+    single_process("grad-variance")
     if args.draws < 2:
         raise ConfigError(f"--draws must be >= 2 to estimate a variance, got {args.draws}")
     if args.baseline_steps < 0:

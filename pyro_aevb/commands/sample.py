@@ -7,10 +7,12 @@ from pathlib import Path
 import torch
 
 from ..errors import ConfigError
+from .common import single_process
 from ..training.run_directory import load
 
 
 def command(args) -> None:
+    single_process("sample")
     from ..plots import save_grid
 
     vae = load(args.run_dir, device=args.device)

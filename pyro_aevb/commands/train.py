@@ -6,6 +6,7 @@ from pathlib import Path
 
 from ..config import load_recipe
 from ..errors import ConfigError
+from ..training.distributed import world
 from ..training.loop import train
 from .common import add_data_arguments, default_out_dir, overrides_of, run_recipe
 
@@ -25,6 +26,8 @@ def command(args) -> None:
         out = Path(args.out) if args.out else default_out_dir("", args.recipe)
     result = train(recipe, out, overwrite=args.overwrite, progress=not args.no_progress,
                    resume=bool(args.resume), force=args.force)
+    if not world().main:  # under torchrun, rank 0 reports
+        return
     final, info = result.run_info["final"], result.run_info
     print(f"test bound {final['test_elbo']:.2f} ± {final['test_elbo_se']:.2f} nats/datapoint, "
           f"train {final['train_elbo']:.2f}, after {info['samples']:,} samples in {info['train_seconds']:.1f} s "

@@ -37,6 +37,14 @@ class Bound:
     se: float
     n: int
 
+    @classmethod
+    def from_sums(cls, total: float, total_sq: float, n: int) -> "Bound":
+        """The mean and its standard error from the sum, the sum of squares and the count of the values
+        (what processes that each hold part of the values can add up)."""
+        mean = total / n
+        var = max(total_sq - n * mean * mean, 0.0) / (n - 1) if n > 1 else float("nan")
+        return cls(mean, math.sqrt(var / n) if n > 1 else float("nan"), int(n))
+
 
 def mean_se(values) -> tuple[float, float]:
     """Mean and standard error of the mean of a 1-d collection of values (the SE is NaN for one value)."""
@@ -95,12 +103,18 @@ def average_bound(
 
     ``transform`` (e.g. dynamic binarization) is applied to each chunk first.
     """
+    values = bound_values(model, guide, x, num_particles, analytic_kl, chunk_size, transform)
+    _, se = mean_se(values)
+    return Bound(values.mean().item(), se, values.numel())
+
+
+def bound_values(model, guide, x: torch.Tensor, num_particles: int = 1, analytic_kl: bool = True,
+                 chunk_size: int = 1000, transform=None) -> torch.Tensor:
+    """:func:`elbo_per_datapoint` of every row of x, in chunks of ``chunk_size`` rows: shape (N,)."""
     values = []
     for start in range(0, x.shape[0], chunk_size):
         chunk = x[start : start + chunk_size]
         if transform is not None:
             chunk = transform(chunk)
         values.append(elbo_per_datapoint(model, guide, chunk, num_particles, analytic_kl))
-    values = torch.cat(values)
-    _, se = mean_se(values)
-    return Bound(values.mean().item(), se, values.numel())
+    return torch.cat(values)

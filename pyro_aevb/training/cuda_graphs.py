@@ -40,6 +40,7 @@ from __future__ import annotations
 import torch
 
 from ..data import binarize
+from .distributed import world
 from .tracing import JIT_ESTIMATORS
 
 #: eager steps on a side stream before capture (PyTorch's advice: let lazy state and the allocator settle)
@@ -156,4 +157,6 @@ def capture_plan(recipe, estimator_name: str, device: torch.device) -> str | Non
         return "on_nan = \"skip\" decides on the host before each update"
     if recipe.lr_milestones:
         return "an lr schedule (lr_milestones) changes lr, which a captured optimizer step would keep fixed"
+    if world().distributed:
+        return "data-parallel training: the gradient all-reduce is not captured in a CUDA graph here"
     return None

@@ -22,6 +22,7 @@ the data order and the schedule, :mod:`~pyro_aevb.training.run_directory` the fi
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -35,13 +36,14 @@ from tqdm.auto import tqdm
 from ..config import Recipe, recipe_diff
 from ..data import Dataset
 from ..errors import CheckpointError, ConfigError, Interrupted, TrainingError
-from ..evaluation.bounds import average_bound
+from ..evaluation.bounds import Bound, average_bound, bound_values
 from ..generative.vae import VAE
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .distributed import all_sum, gather_rng, pack_rng, seed_rank_streams, shard, unpack_rng, world
 from .cpu_allocator import allocator_status
 from .figures import write_figures
 from .guard import NaNGuard
-from .run_directory import RunDirectory, machine, tensorboard_writer, versions
+from .run_directory import RunDirectory, SilentRunDirectory, machine, tensorboard_writer, versions
 from .schedule import EpochOrder, crosses, kl_warmup_beta, lr_at
 from .setup import Run, build_run
 from .signals import StopSignals
@@ -80,31 +82,25 @@ def train(
     run = build_run(recipe, dataset, initial_state)
     M, total_steps = recipe.batch_size, math.ceil(recipe.max_samples / recipe.batch_size)
     check_every = 1 if recipe.on_nan == "skip" else recipe.sync_every or (1 if run.device.type == "cpu" else 50)
-    step_fn = choose_step(run, check_every == 1, total_steps, progress)
-    order, clock, best = EpochOrder(run.num_data, M, run.device), _Clock(), Best()
+    step_fn = choose_step(run, check_every == 1, total_steps, progress and run.world.main)
+    order, clock, best = EpochOrder(run.num_data, M, run.device, run.world, recipe.seed), _Clock(), Best()
     start_step, nan_skips = restore(run, order, clock, best, payload) if payload is not None else (0, 0)
-    files = (RunDirectory.reopen(out_dir, start_step, step_fn.fast_path) if payload is not None else
-             RunDirectory.create(out_dir, overwrite, recipe.to_toml(), run_info(run, step_fn.fast_path, check_every)))
-    files.update(status="running")
+    files = open_run_directory(run, out_dir, overwrite, payload is not None, start_step, step_fn, check_every)
     if tensorboard is not None:
         files.open_tensorboard(tensorboard, start_step * M)
-    step_fn.on_change = lambda path, notice: (files.update(fast_path=path), tqdm.write(notice))
-    if recipe.estimator == "sgvb-b" and run.kl != "analytic":
-        tqdm.write(f"notice: KL: Monte Carlo. No analytic KL is registered for prior '{recipe.prior}' against "
-                   "the Gaussian guide, so sgvb-b (TraceMeanField_ELBO) uses a Monte Carlo KL term")
     guard = NaNGuard(run, check_every, files.path, nan_skips)
 
     def save(step: int) -> None:
-        save_run_checkpoint(run, files.path, step, order, clock, guard.nan_skips, best)
+        save_run_checkpoint(run, files, step, order, clock, guard.nan_skips, best)
 
     if payload is None:
         save(0)  # so that a run killed before its first periodic checkpoint still resumes exactly
-    bar = _Progress(total_steps * M, start_step * M, run.num_data, progress)
+    bar = _Progress(total_steps * M, start_step * M, run.num_data, progress and run.world.main)
     step = start_step
     try:
-        with StopSignals() as stop:
-            while step < total_steps and stop.received is None:
-                idx = order.indices(step)  # 1. a minibatch: (M,) indices into device-resident data
+        with StopSignals() as stop, peers_watched(run, files.path):
+            while step < total_steps and not stop.agreed(run.device):
+                idx = order.indices(step)  # 1. a minibatch: (M,) indices (M/W under torchrun) into device data
                 before, samples = step * M, (step + 1) * M
                 loss, finite = step_fn(idx, kl_warmup_beta(recipe, samples))  # 2.+3. gradient and update
                 run.scheduler.step()
@@ -121,7 +117,7 @@ def train(
                     bar.show(log_evaluation(run, files, clock, step, guard.nan_skips, best))
                 if checkpoint_now:
                     save(step)
-            if stop.received is not None and step < total_steps:
+            if step < total_steps:  # stopped by a signal (on some rank)
                 guard.check(step, run.data.train[:M])
                 save(step)
     except TrainingError:
@@ -130,11 +126,42 @@ def train(
     finally:
         bar.close()
         files.close()
-    if stop.received is not None and step < total_steps:
+    if step < total_steps:
         files.update(status="interrupted", steps=step, samples=step * M, nan_skips=guard.nan_skips)
-        raise Interrupted(f"stopped by {stop.received} at step {step} ({step * M:,} samples); checkpoint written. "
-                          f"Continue with: pyro-aevb train --resume {files.path}", signal_name=stop.received)
+        signal_name = stop.received or "SIGTERM"
+        raise Interrupted(f"stopped by {signal_name} at step {step} ({step * M:,} samples); checkpoint written. "
+                          f"Continue with: pyro-aevb train --resume {files.path}", signal_name=signal_name)
     return finish(run, files, clock, started, total_steps, guard.nan_skips, best)
+
+
+def open_run_directory(run: Run, out_dir, overwrite: bool, resuming: bool, start_step: int, step_fn,
+                       check_every: int) -> RunDirectory:
+    """The run's files: created, or reopened at ``start_step``; only rank 0 writes them (torchrun)."""
+    recipe = run.recipe
+    if not run.world.main:
+        return SilentRunDirectory.open(out_dir, start_step if resuming else None)
+    files = (RunDirectory.reopen(out_dir, start_step, step_fn.fast_path) if resuming else
+             RunDirectory.create(out_dir, overwrite, recipe.to_toml(), run_info(run, step_fn.fast_path, check_every)))
+    files.update(status="running")
+    step_fn.on_change = lambda path, notice: (files.update(fast_path=path), tqdm.write(notice))
+    if recipe.estimator == "sgvb-b" and run.kl != "analytic":
+        tqdm.write(f"notice: KL: Monte Carlo. No analytic KL is registered for prior '{recipe.prior}' against "
+                   "the Gaussian guide, so sgvb-b (TraceMeanField_ELBO) uses a Monte Carlo KL term")
+    return files
+
+
+@contextlib.contextmanager
+def peers_watched(run: Run, run_dir: Path):
+    """Under torchrun, a collective that fails because another process stopped becomes one line."""
+    try:
+        yield
+    except torch.distributed.DistError as e:
+        if not run.world.distributed:
+            raise
+        first = (str(e).splitlines() or [""])[0]
+        raise TrainingError(f"rank {run.world.rank}: a collective failed, so another process of the run has "
+                            f"stopped ({type(e).__name__}: {first[:160]}); the last checkpoint in {run_dir} is "
+                            f"intact: resume with torchrun ... train --resume {run_dir}") from None
 
 
 class _Clock:
@@ -188,9 +215,14 @@ def evaluate(run: Run) -> dict:
     analytic, vae, particles, data = run.kl == "analytic", run.vae, run.recipe.eval_particles, run.data
     model, guide = vae.local_pair()
     splits = {"train": data.train_eval, "test": data.test, **({"valid": data.valid} if data.valid is not None else {})}
-    row = {}
+    row, w = {}, run.world
     for split, x in splits.items():
-        bound = average_bound(model, guide, x, particles, analytic)
+        if w.distributed:  # each rank its own rows; the sums are added up over the ranks
+            values = bound_values(model, guide, x[shard(x.shape[0], w)], particles, analytic).to(torch.float64)
+            sums = all_sum(torch.stack([values.sum(), (values**2).sum(), values.new_tensor(values.numel())]))
+            bound = Bound.from_sums(*sums.tolist())
+        else:
+            bound = average_bound(model, guide, x, particles, analytic)
         row.update({f"{split}_elbo": bound.mean, f"{split}_elbo_se": bound.se})
     return row
 
@@ -208,8 +240,9 @@ class Best:
 def log_evaluation(run: Run, files: RunDirectory, clock: "_Clock", step: int, nan_skips: int, best: Best) -> dict:
     """Evaluate, append the row to ``metrics.jsonl`` and, on a new best validation bound, write ``best.pt``."""
     row = files.log(evaluation_row(run, clock, step, nan_skips))
-    if best.improves(row.get("valid_elbo")):
+    if best.improves(row.get("valid_elbo")):  # the same on every rank: the bounds are added up over ranks
         best.value, best.step = row["valid_elbo"], step
+    if best.step == step and run.world.main:
         save_checkpoint(files.path / "best.pt", model=run.vae.state_dict(), step=step, samples=row["samples"],
                         valid_elbo=row["valid_elbo"], recipe=run.recipe.to_dict(),
                         image_shape=list(run.data.dataset.image_shape))
@@ -241,6 +274,8 @@ def run_info(run: Run, fast_path: str, check_every: int) -> dict:
         "fast_path": fast_path,
         "sync_every": check_every,
         "allocator": allocator_status() if run.device.type == "cpu" else "the CUDA caching allocator",
+        "world_size": run.world.size,
+        "backend": run.world.backend,
         "device": str(run.device),
         "seed": run.recipe.seed,
         "versions": versions(),
@@ -252,13 +287,16 @@ def run_info(run: Run, fast_path: str, check_every: int) -> dict:
     }
 
 
-def save_run_checkpoint(run: Run, run_dir: Path, step: int, order: EpochOrder, clock: _Clock,
+def save_run_checkpoint(run: Run, files: RunDirectory, step: int, order: EpochOrder, clock: _Clock,
                         nan_skips: int, best: Best) -> None:
     """``checkpoint.pt``: model, optimizer, lr schedule (and the estimator's own state), step, data order,
-    the best validation bound so far, RNGs."""
-    estimator = run.estimator
+    the best validation bound so far, RNGs (under torchrun: every rank's, gathered; rank 0 writes)."""
+    estimator, w = run.estimator, run.world
+    ranks = gather_rng(pack_rng(rng_state())) if w.distributed else None  # a collective: every rank is here
+    if not w.main:
+        return
     save_checkpoint(
-        run_dir / "checkpoint.pt",
+        files.path / "checkpoint.pt",
         model=run.vae.state_dict(),
         optimizer=run.optimizer.state_dict(),
         scheduler=run.scheduler.state_dict(),
@@ -272,6 +310,8 @@ def save_run_checkpoint(run: Run, run_dir: Path, step: int, order: EpochOrder, c
         recipe=run.recipe.to_dict(),
         image_shape=list(run.data.dataset.image_shape),
         rng=rng_state(),
+        world_size=w.size,
+        **({"rng_ranks": ranks, "order_rng": order.generator.get_state()} if w.distributed else {}),
     )
 
 
@@ -293,6 +333,11 @@ def resume_checkpoint(run_dir: Path, recipe: Recipe, force: bool) -> dict:
     if changed and not force:
         raise ConfigError(f"refusing to resume {run_dir} with a changed recipe ({'; '.join(changed)}); "
                           "drop the changes, or pass --force")
+    written_by, now = payload.get("world_size", 1), world().size
+    if written_by != now and not force:
+        raise ConfigError(f"refusing to resume {run_dir}: {written_by} process(es) wrote it and {now} would "
+                          f"continue it; resume with --nproc_per_node={written_by} (torchrun) to continue exactly, "
+                          "or pass --force to continue with new random streams")
     return payload
 
 
@@ -309,7 +354,19 @@ def restore(run: Run, order: EpochOrder, clock: _Clock, best: Best, payload: dic
         run.estimator.load_state_dict(payload["estimator"])
     order.perm = payload["perm"].to(run.device)
     clock.base = payload["train_seconds"]
-    set_rng_state(payload["rng"])
+    w = run.world
+    if not w.distributed:
+        set_rng_state(payload["rng"])
+    elif len(payload.get("rng_ranks", [])) == w.size:
+        set_rng_state(unpack_rng(payload["rng_ranks"][w.rank]))
+        order.generator.set_state(payload["order_rng"])
+    else:  # another number of processes wrote it (--force): new streams, so not exact
+        seed_rank_streams(run.recipe.seed + payload["step"], w)
+        if "order_rng" in payload:
+            order.generator.set_state(payload["order_rng"])
+        if w.main:
+            tqdm.write(f"notice: the checkpoint was written by {payload.get('world_size', 1)} process(es), this "
+                       f"run has {w.size}: it continues with new random streams, not exactly")
     return payload["step"], payload["nan_skips"]
 
 
@@ -317,7 +374,8 @@ def finish(run: Run, files: RunDirectory, clock: _Clock, started: float, total_s
            nan_skips: int, best: Best) -> TrainResult:
     """Figures and the final ``run.json`` of a completed run."""
     train_seconds = clock.seconds
-    write_figures(run.vae, run.data, files.metrics, files.path, run.recipe)
+    if run.world.main:
+        write_figures(run.vae, run.data, files.metrics, files.path, run.recipe)
     final = files.metrics[-1]
     files.update(
         status="complete",

@@ -131,6 +131,37 @@ class RunDirectory:
             self._tensorboard.close()
 
 
+class SilentRunDirectory(RunDirectory):
+    """The run directory as a rank other than 0 sees it under torchrun: the same rows and ``run.json``
+    content in memory, nothing written (rank 0 writes)."""
+
+    def __init__(self, path: Path, info: dict, metrics: list[dict]):
+        self.path, self.info, self.metrics = Path(path), info, metrics
+        self._metrics_file = self._tensorboard = None
+
+    @classmethod
+    def open(cls, path: Path, resume_step: int | None) -> "SilentRunDirectory":
+        """A new run (``resume_step`` None), or one resumed at that step (its rows up to there, read only)."""
+        path = Path(path)
+        if resume_step is None:
+            return cls(path, {}, [])
+        info = json.loads((path / "run.json").read_text())
+        return cls(path, info, [r for r in read_metrics(path / "metrics.jsonl") if r["step"] <= resume_step])
+
+    def open_tensorboard(self, writer_class, purge_after_samples: int = 0) -> None:
+        pass
+
+    def update(self, **entries) -> None:
+        self.info.update(entries)
+
+    def log(self, row: dict) -> dict:
+        self.metrics.append(row)
+        return row
+
+    def close(self) -> None:
+        pass
+
+
 def tensorboard_writer():
     """``torch.utils.tensorboard.SummaryWriter``, imported only now; a one-line error if it cannot be."""
     try:

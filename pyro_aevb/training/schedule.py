@@ -39,20 +39,32 @@ class EpochOrder:
     """The data order: a fresh permutation of the N rows at each epoch, cut into full minibatches of M.
 
     ``perm`` (N,) is the current epoch's permutation; it goes into the checkpoint, so that a resumed run
-    continues the same epoch. The permutation is drawn from torch's global RNG on the data's device.
+    continues the same epoch. In one process the permutation is drawn from torch's global RNG on the
+    data's device. Under torchrun (``world``) every rank draws the same permutation from a generator of
+    its own, seeded with the run's ``seed`` (its state goes into the checkpoint too), and takes its own
+    contiguous M/W rows of each minibatch.
     """
 
-    def __init__(self, num_data: int, batch_size: int, device: torch.device, perm: torch.Tensor | None = None):
+    def __init__(self, num_data: int, batch_size: int, device: torch.device, world=None, seed: int = 0):
         self.num_data, self.batch_size, self.device = num_data, batch_size, device
         self.steps_per_epoch = num_data // batch_size  # an epoch is a permutation, in full minibatches
-        self.perm = perm
+        self.perm = None
+        self.world = world
+        self.generator = torch.Generator().manual_seed(seed) if world is not None and world.distributed else None
 
     def indices(self, step: int) -> torch.Tensor:
-        """The rows (M,) of the minibatch of step ``step`` (0-based)."""
+        """The rows of step ``step`` (0-based) this process computes: (M,), or (M/W,) under torchrun."""
         pos = step % self.steps_per_epoch
         if pos == 0:
-            self.perm = torch.randperm(self.num_data, device=self.device)
-        return self.perm[pos * self.batch_size : (pos + 1) * self.batch_size]
+            if self.generator is None:
+                self.perm = torch.randperm(self.num_data, device=self.device)
+            else:
+                self.perm = torch.randperm(self.num_data, generator=self.generator).to(self.device)
+        batch = self.perm[pos * self.batch_size : (pos + 1) * self.batch_size]
+        if self.generator is None:
+            return batch
+        m = self.batch_size // self.world.size
+        return batch[self.world.rank * m : (self.world.rank + 1) * m]
 
     def state(self) -> torch.Tensor:
         """The permutation to checkpoint (the identity before the first step)."""

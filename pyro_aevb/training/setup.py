@@ -19,6 +19,7 @@ from ..errors import ConfigError, DataError, TrainingError
 from ..generative.vae import VAE, build_vae
 from ..infer.registry import estimator_parameters, kl_status, make_estimator
 from .cuda_graphs import capture_plan
+from .distributed import World, device_for, seed_rank_streams, world
 from .schedule import milestone_steps
 
 
@@ -124,10 +125,16 @@ class Run:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler  # the recipe's step schedule (constant without milestones)
     kl: str  # "analytic" or "monte-carlo": what estimator B really computes (kl_status)
+    world: World = World()  # this process's rank among the run's processes (one, without torchrun)
 
     @property
     def num_data(self) -> int:
         return self.data.num_data
+
+    @property
+    def local_batch_size(self) -> int:
+        """The rows of a minibatch this process computes: M, or M/W of it under torchrun."""
+        return self.recipe.batch_size // self.world.size
 
     def loss_kwargs(self, idx: torch.Tensor, beta: float) -> dict:
         """The keywords of one loss evaluation on the rows ``idx``: N, beta, and the rows themselves
@@ -143,7 +150,8 @@ def build_run(recipe: Recipe, dataset: Dataset | None = None, initial_state: dic
     where every estimator starts from the same point. Where the step will be a CUDA graph, the
     optimizer is a capturable one.
     """
-    device = resolve_device(recipe.device)
+    w = world()
+    device = device_for(resolve_device(recipe.device).type, w)
     if device.type == "cuda" and recipe.fast_path == "compile":
         raise ConfigError('fast_path = "compile" is for the CPU; on CUDA use "auto", which captures the step '
                           "as a CUDA graph")
@@ -153,6 +161,9 @@ def build_run(recipe: Recipe, dataset: Dataset | None = None, initial_state: dic
     if initial_state is not None:
         vae.load_state_dict(initial_state)
     estimator = make_estimator(recipe.estimator, recipe.num_particles, **recipe.estimator_options)
+    if w.distributed:
+        check_distributed(recipe, estimator, w)
+        seed_rank_streams(recipe.seed, w)  # the parameters are the same on every rank; the noise is not
     if isinstance(estimator, torch.nn.Module):
         estimator.to(device)
     params = dict(vae.named_parameters())
@@ -166,7 +177,32 @@ def build_run(recipe: Recipe, dataset: Dataset | None = None, initial_state: dic
     if bad:
         raise TrainingError(f"parameter '{bad[0]}' is non-finite before training; check the initial state")
     kl = kl_status(*vae.local_pair(), data.train_eval[: recipe.batch_size])
-    return Run(recipe, device, data, vae, estimator, params, optimizer, make_scheduler(recipe, optimizer), kl)
+    return Run(recipe, device, data, vae, estimator, params, optimizer, make_scheduler(recipe, optimizer), kl, w)
+
+
+def check_distributed(recipe: Recipe, estimator, w: World) -> None:
+    """What data-parallel training needs: M divisible by W, and an estimator that is one differentiable loss
+    with no per-datapoint state of its own (DistributedDataParallel averages the gradients of that loss)."""
+    if recipe.batch_size % w.size:
+        raise ConfigError(f"batch_size {recipe.batch_size} is not divisible by the {w.size} processes; make "
+                          f"batch_size a multiple of {w.size}, or change --nproc_per_node")
+    if not hasattr(estimator, "differentiable_loss") or getattr(estimator, "needs_indices", False):
+        raise ConfigError(f"estimator '{recipe.estimator}' cannot train data-parallel (it updates through its own "
+                          "loss_and_grads or keeps per-datapoint state on each process); train it in one process")
+
+
+class LossModule(torch.nn.Module):
+    """``(x, beta, idx) ->`` the estimator's differentiable loss on the rows x of the training set (M/W of them
+    on a rank): the module ``DistributedDataParallel`` wraps, as Pyro's ``ELBOModule`` is in its Lightning example."""
+
+    def __init__(self, run: "Run"):
+        super().__init__()
+        self.vae = run.vae
+        self.run = (run,)  # a reference, not a submodule
+
+    def forward(self, x: torch.Tensor, beta: float, idx: torch.Tensor) -> torch.Tensor:
+        run = self.run[0]
+        return run.estimator.differentiable_loss(*self.vae.local_pair(), x, **run.loss_kwargs(idx, beta))
 
 
 def make_scheduler(recipe: Recipe, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.MultiStepLR:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import signal
 import threading
 
+from .distributed import any_rank
+
 
 class StopSignals:
     """SIGINT/SIGTERM set ``received`` (the signal's name); the loop finishes its step, checkpoints and stops.
@@ -27,6 +29,10 @@ class StopSignals:
         if self.received is not None:  # a second Ctrl-C: stop at once
             raise KeyboardInterrupt
         self.received = signal.Signals(signum).name
+
+    def agreed(self, device) -> bool:
+        """Has a stop signal come, to this process or (under torchrun) to any rank? Every rank stops together."""
+        return any_rank(self.received is not None, device)
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():

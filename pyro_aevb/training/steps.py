@@ -22,7 +22,8 @@ from tqdm.auto import tqdm
 from ..infer.registry import backward
 from .cuda_graphs import CapturedStep, capture_plan
 from .guard import diagnose_nonfinite
-from .setup import Run
+from .distributed import every_rank, wrap
+from .setup import LossModule, Run
 from .tracing import JIT_ESTIMATORS, choose_backend, compile_loss
 
 
@@ -36,10 +37,22 @@ class EagerStep:
         self.max_norm = run.recipe.grad_clip if run.recipe.grad_clip > 0 else float("inf")
         self.last_x = None  # the last minibatch (M, D), for the NaN guard's diagnosis
         self.on_change = None  # unused: an eager step never changes its path
+        # under torchrun: the loss inside DistributedDataParallel, whose backward averages the ranks' gradients
+        self.ddp = wrap(self.loss_module(), run.world) if run.world.distributed else None
+
+    def loss_module(self) -> torch.nn.Module:
+        return LossModule(self.run)
+
+    def ddp_loss(self, x: torch.Tensor, idx: torch.Tensor, beta: float) -> torch.Tensor:
+        return self.ddp(x, beta, idx)
 
     def loss_and_grad(self, x: torch.Tensor, idx: torch.Tensor, beta: float) -> torch.Tensor:
         run = self.run
         try:
+            if self.ddp is not None:
+                loss = self.ddp_loss(x, idx, beta)
+                loss.backward()
+                return loss.detach()
             return backward(run.estimator, *run.vae.local_pair(), x, **run.loss_kwargs(idx, beta))
         except ValueError:  # Pyro's validation refusing a NaN distribution parameter
             if diagnose_nonfinite(run.vae, x, run.params) is None:
@@ -51,7 +64,7 @@ class EagerStep:
         self.run.optimizer.zero_grad(set_to_none=True)
         loss = self.loss_and_grad(x, idx, beta)
         grad_norm = torch.nn.utils.clip_grad_norm_(list(self.run.params.values()), self.max_norm)
-        finite = torch.isfinite(loss) & torch.isfinite(grad_norm)
+        finite = every_rank(torch.isfinite(loss) & torch.isfinite(grad_norm))  # the same decision on every rank
         if not (self.skip_nonfinite and not finite):  # with skip_nonfinite: one host read per step
             self.run.optimizer.step()
         return loss, finite
@@ -61,13 +74,31 @@ class TracedStep(EagerStep):
     """The ELBO traced once (``torch.jit`` or ``torch.compile``) and replayed: no Pyro Python per step."""
 
     def __init__(self, run: Run, compiled, skip_nonfinite: bool, fast_path: str):
-        super().__init__(run, skip_nonfinite, fast_path)
         self.compiled = compiled
+        super().__init__(run, skip_nonfinite, fast_path)
+
+    def loss_module(self) -> torch.nn.Module:
+        return _TracedLoss(self.run.vae, self.compiled)
+
+    def ddp_loss(self, x: torch.Tensor, idx: torch.Tensor, beta: float) -> torch.Tensor:
+        return self.ddp(x, beta)
 
     def loss_and_grad(self, x: torch.Tensor, idx: torch.Tensor, beta: float) -> torch.Tensor:
-        loss = self.compiled(x, beta)
+        loss = self.compiled(x, beta) if self.ddp is None else self.ddp_loss(x, idx, beta)
         loss.backward()
         return loss.detach()
+
+
+class _TracedLoss(torch.nn.Module):
+    """The traced loss as a module over the VAE's parameters, for ``DistributedDataParallel`` to wrap."""
+
+    def __init__(self, vae, compiled):
+        super().__init__()
+        self.vae = vae
+        self.compiled = compiled
+
+    def forward(self, x: torch.Tensor, beta: float) -> torch.Tensor:
+        return self.compiled(x, beta)
 
 
 class GraphStep:
@@ -105,7 +136,7 @@ def choose_step(run: Run, skip_nonfinite: bool, total_steps: int, progress: bool
         return EagerStep(run, skip_nonfinite, 'off (fast_path = "off")')
     # On the CPU the traced ELBO skips Pyro's Python; on CUDA it is also what makes the step capturable,
     # since eager Pyro reads loss values back to the host (torch_item).
-    example = run.data.train[: recipe.batch_size].clone()  # (M, D): the inductor graph is specialised to it
+    example = run.data.train[: run.local_batch_size].clone()  # (M, D): the inductor graph is specialised to it
     if run.data.dynamic_binarization:
         example = example.round()  # binary, like the minibatches, without drawing from the run's RNG
     if backend == "inductor" and progress and recipe.estimator in JIT_ESTIMATORS:
