@@ -21,12 +21,14 @@ ALLOWED = {
     "errors": set(),
     "data": {"errors"},
     "plots": set(),
+    "graphs": set(),
     "generative": {"errors"},
     "infer": {"errors"},
-    "evaluation": {"errors", "infer"},
+    "evaluation": {"errors", "infer", "graphs"},
     "config": {"errors", "data", "generative", "infer"},
-    "training": {"version", "errors", "data", "plots", "generative", "infer", "evaluation", "config"},
-    "commands": {"version", "errors", "data", "plots", "generative", "infer", "evaluation", "config", "training"},
+    "training": {"version", "errors", "data", "plots", "graphs", "generative", "infer", "evaluation", "config"},
+    "commands": {"version", "errors", "data", "plots", "graphs", "generative", "infer", "evaluation", "config",
+                 "training"},
 }
 TOP = {"__init__", "__main__"}  # the package's face: may import any layer, and nothing imports it
 

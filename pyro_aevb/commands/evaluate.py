@@ -42,6 +42,10 @@ def command(args) -> None:
         raise ConfigError(f"{args.run_dir} was trained without a validation split (validation_size = 0); "
                           "use --split test or train")
     x = {"test": data.test, "train": data.train_eval, "valid": data.valid}[args.split]
+    if args.max_datapoints is not None:
+        if args.max_datapoints <= 0:
+            raise ConfigError(f"--max-datapoints must be positive, got {args.max_datapoints}")
+        x = x[: args.max_datapoints]
     kl = kl_status(*vae.local_pair(), x[: recipe.batch_size])
     particles = args.num_particles or recipe.eval_particles
     bound = _bound(vae, x, particles, kl == "analytic", w)
@@ -132,6 +136,7 @@ def register(subparsers, help: str = "") -> None:
     p.add_argument("--checkpoint", choices=["last", "best"], default="last",
                    help="the end of training (default) or best.pt, the best validation bound's parameters")
     p.add_argument("--num-particles", type=int, help="samples of z per datapoint (default: the recipe's)")
+    p.add_argument("--max-datapoints", type=int, metavar="N", help="score only the first N datapoints of the split")
     p.add_argument("--data-dir")
     p.add_argument("--device", choices=["cpu", "cuda"])
     p.add_argument("--json", action="store_true", help="print one JSON object")
