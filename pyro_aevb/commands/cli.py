@@ -57,10 +57,12 @@ def main(argv: list[str] | None = None) -> int:
         tune_cpu_allocator()  # every command's CPU work reuses freed memory (see pyro_aevb.training.cpu_allocator)
         if distributed.launched():  # torchrun: join the process group (gloo; NCCL on CUDA)
             rank = distributed.init().rank
+        finished = False
         try:
             args.func(args)
+            finished = True
         finally:
-            distributed.shutdown()
+            distributed.shutdown(finished)
     except AEVBError as e:
         if debug:
             raise

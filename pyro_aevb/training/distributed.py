@@ -84,8 +84,12 @@ def world() -> World:
                  str(dist.get_backend()))
 
 
-def shutdown() -> None:
+def shutdown(finished: bool = True) -> None:
+    """Leave the process group; after a successful command, only once every rank is done (so that no rank
+    tears its connections down while another still writes or reads)."""
     if dist.is_available() and dist.is_initialized():
+        if finished:
+            dist.barrier()
         dist.destroy_process_group()
 
 
