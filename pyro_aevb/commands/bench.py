@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import json
 import statistics
+import sys
 import time
 
 import torch
@@ -71,7 +72,7 @@ def _graph_step_fn(name: str, vae: VAE, recipe: Recipe, x: torch.Tensor, num_dat
     kl_status(*vae.local_pair(), x)  # as train() does first
     compiled, reason = compile_loss(name, vae, estimator, x, num_data)
     if compiled is None:
-        print(f"note: no CUDA graph for {name}: {reason}")
+        print(f"note: no CUDA graph for {name}: {reason}", file=sys.stderr)
         return None
     optimizer = make_optimizer(recipe, vae.parameters(), capturable=True)
     step = CapturedStep(compiled.traced, vae.parameters(), optimizer, x, x.shape[0], binarize=False, grad_clip=0.0)
@@ -79,7 +80,7 @@ def _graph_step_fn(name: str, vae: VAE, recipe: Recipe, x: torch.Tensor, num_dat
     for _ in range(WARMUP_STEPS):  # warm-up and capture
         step(idx, 1.0)
     if step.graph is None:
-        print(f"note: no CUDA graph for {name}: {step.status}")
+        print(f"note: no CUDA graph for {name}: {step.status}", file=sys.stderr)
         return None
     return lambda: step(idx, 1.0)[0]
 
@@ -116,7 +117,7 @@ def training_paths(recipe: Recipe, x: torch.Tensor, num_data: int, compile: bool
             if compiled is not None:
                 paths[f"{name} {label}"] = _step_fn(lambda c=compiled: c(x, 1.0), v, recipe)
             else:
-                print(f"note: no {backend} path for {name}: {reason}")
+                print(f"note: no {backend} path for {name}: {reason}", file=sys.stderr)
     return paths
 
 
@@ -181,11 +182,17 @@ def compiled_passes(vae: VAE, x: torch.Tensor, num_samples: int, chunk_size: int
 
     model, guide = vae.local_pair()
     rows, samples = chunk_shape(x.shape[0], num_samples, chunk_size)
-    weights = PassWeights(model, guide, x, num_samples, rows, samples, {}, compile=True)
-    weights(0, rows, 0, samples)  # the first call compiles
+    with torch.no_grad(), pyro.validation_enabled(False):  # as log_likelihood runs (no checks' host reads)
+        weights = PassWeights(model, guide, x, num_samples, rows, samples, {}, compile=True)
+        weights(0, rows, 0, samples)  # the first call compiles
     if weights.compiled != "inductor":
-        print(f"note: the compiled evaluation ran eagerly: {weights.compiled}")
-    return lambda: accumulate(weights, x.shape[0], num_samples, rows, samples)
+        print(f"note: the compiled evaluation ran eagerly: {weights.compiled}", file=sys.stderr)
+
+    def passes():
+        with torch.no_grad(), pyro.validation_enabled(False):
+            accumulate(weights, x.shape[0], num_samples, rows, samples)
+
+    return passes
 
 
 def time_paths(paths: dict, rounds: int, steps: int, sync, warmup: int | None = None) -> dict[str, float]:
