@@ -28,6 +28,8 @@ _EXPORTS = {
     "PRIORS": "generative.priors",
     "VAE": "generative.vae",
     "build_vae": "generative.vae",
+    "Diffusion": "generative.diffusion",
+    "build_model": "generative.registry",
     "average_bound": "evaluation.bounds",
     "log_likelihood": "evaluation.marginal_likelihood",
     "hmc_log_likelihood": "evaluation.appendix_d",

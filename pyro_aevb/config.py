@@ -25,6 +25,7 @@ except ModuleNotFoundError:  # Python 3.10
 from .data import DATASETS
 from .errors import ConfigError
 from .generative.priors import resolve_prior_factory
+from .generative.registry import DIFFUSION_ESTIMATORS, MODELS
 from .generative.vae import ACTIVATIONS
 from .infer.registry import ESTIMATORS
 
@@ -57,6 +58,8 @@ class Recipe:
     validation_size: int = 0
 
     # --- model: p(z) p(x|z) and q(z|x), one hidden tanh layer each (paper, Appendix C) ---
+    model: str = "vae"  # "vae", or "diffusion": a diffusion model as a deep latent-variable model
+    model_options: dict = field(default_factory=dict)  # the model's own keys (diffusion: steps, schedule, ...)
     latent_dim: int = 20  # Nz
     hidden_dim: int = 500  # hidden units of the encoder and the decoder MLPs (one layer: the paper's)
     hidden_dims: list = field(default_factory=list)  # several hidden layers, e.g. [300, 300]; [] means [hidden_dim]
@@ -137,6 +140,7 @@ _CHOICES = {
     "fast_path": ("auto", "compile", "jit", "off"),
     "device": ("cpu", "cuda"),
     "activation": tuple(ACTIVATIONS),
+    "model": tuple(MODELS),
 }
 
 
@@ -234,6 +238,13 @@ def _check_registered(values: dict[str, Any]) -> None:
                                             f"prior '{values['prior']}'")
     values["estimator_options"] = check_options(ESTIMATORS[values["estimator"]], values["estimator_options"],
                                                 "estimator_options", f"estimator '{values['estimator']}'")
+    if values["model"] in MODELS:
+        values["model_options"] = check_options(MODELS[values["model"]][1], values["model_options"],
+                                                "model_options", f"model '{values['model']}'")
+    if values["model"] == "diffusion" and (values["estimator"] not in DIFFUSION_ESTIMATORS
+                                           or values["num_particles"] != 1):
+        raise ConfigError(f"model 'diffusion' trains with estimator {' or '.join(DIFFUSION_ESTIMATORS)} and "
+                          f"num_particles = 1, got '{values['estimator']}' with {values['num_particles']}")
 
 
 def factory_options(factory) -> dict[str, Any]:

@@ -116,6 +116,8 @@ RESUMES = {
                         "estimator_options": {"baseline": "neural", "data_dim": 784}},
     "mcem": {"estimator": "mcem", "estimator_options": {"leapfrog_steps": 3}},
     "skipped nan steps": {"prior": "counting-poisoned", "fast_path": "off", "on_nan": "skip"},
+    "diffusion, sampled steps": {"model": "diffusion", "optimizer": "adam", "lr": 0.001,
+                                 "model_options": {"steps": 50, "width": 32, "depth": 1, "time_samples": 3}},
 }
 
 

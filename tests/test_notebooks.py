@@ -23,6 +23,7 @@ NOTEBOOKS = [
     "03_priors.ipynb",
     "04_posterior_diagnostics.ipynb",
     "05_manifolds.ipynb",
+    "06_diffusion.ipynb",
 ]
 
 

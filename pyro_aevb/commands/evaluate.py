@@ -18,20 +18,21 @@ from ..training.setup import prepare_data, resolve_device
 
 
 def _check(args) -> None:
-    if args.num_samples and (args.num_samples <= 0 or args.chunk_size <= 0 or args.khat_points < 0):
+    if args.num_samples and (args.num_samples <= 0 or (args.chunk_size or 1) <= 0 or args.khat_points < 0):
         raise ConfigError("--num-samples and --chunk-size must be positive, --khat-points >= 0")
     if args.amortization_gap is not None and (args.amortization_gap <= 0 or args.gap_steps < 0 or args.gap_lr <= 0):
         raise ConfigError("--amortization-gap must be positive, --gap-steps >= 0 and --gap-lr > 0")
 
 
 def command(args) -> None:
-    args.chunk_size = DEFAULT_CHUNK_SIZE if args.chunk_size is None else args.chunk_size
     _check(args)
     w = world()
     if w.distributed and args.amortization_gap is not None:
         raise ConfigError("--amortization-gap runs in one process: launch it without torchrun")
     device = str(device_for(args.device, w)) if args.device else None
     vae = load(args.run_dir, device=device, checkpoint=args.checkpoint)
+    if args.chunk_size is None:  # a diffusion's chain traces are T times a VAE's: it asks for smaller passes
+        args.chunk_size = vae.likelihood_chunk or DEFAULT_CHUNK_SIZE
     if w.distributed and vae.recipe.device == "cuda" and device is None:
         vae.to(device_for("cuda", w))
     recipe = vae.recipe
@@ -46,7 +47,7 @@ def command(args) -> None:
         if args.max_datapoints <= 0:
             raise ConfigError(f"--max-datapoints must be positive, got {args.max_datapoints}")
         x = x[: args.max_datapoints]
-    kl = kl_status(*vae.local_pair(), x[: recipe.batch_size])
+    kl = kl_status(*vae.evaluation_pair(), x[: min(recipe.batch_size, vae.evaluation_rows)])
     particles = args.num_particles or recipe.eval_particles
     bound = _bound(vae, x, particles, kl == "analytic", w)
     result = {"split": args.split, "n": bound.n, "elbo": bound.mean, "elbo_se": bound.se,
@@ -64,9 +65,10 @@ def command(args) -> None:
 
 def _bound(vae, x, particles: int, analytic: bool, w) -> Bound:
     """The average bound over x; under torchrun each rank scores its own rows and the sums are added up."""
+    rows = vae.evaluation_rows
     if not w.distributed:
-        return average_bound(*vae.local_pair(), x, particles, analytic_kl=analytic)
-    values = bound_values(*vae.local_pair(), x[shard(x.shape[0], w)], particles, analytic).to(torch.float64)
+        return average_bound(*vae.evaluation_pair(), x, particles, analytic_kl=analytic, chunk_size=rows)
+    values = bound_values(*vae.evaluation_pair(), x[shard(x.shape[0], w)], particles, analytic, rows).to(torch.float64)
     return Bound.from_sums(*all_sum(torch.stack([values.sum(), (values**2).sum(),
                                                  values.new_tensor(values.numel())])).tolist())
 
@@ -80,12 +82,13 @@ def _log_likelihood(vae, x, args) -> dict:
         pyro.set_rng_seed(args.seed + w.rank)  # each rank its own noise (its own rows, too)
     keys = ("log_likelihood", "log_likelihood_se", "num_samples", "ess_mean", "ess_min", "khat", "compiled")
     if not w.distributed:
-        summary = likelihood_summary(*vae.local_pair(), x, args.num_samples, args.chunk_size, args.khat_points,
-                                     progress=not args.no_progress)
+        summary = likelihood_summary(*vae.likelihood_pair(), x, args.num_samples, args.chunk_size, args.khat_points,
+                                     progress=not args.no_progress, compile=vae.likelihood_compile)
         return {k: summary[k] for k in keys}
     rows = x[shard(x.shape[0], w)]  # rank 0 holds the first rows: PSIS k-hat is on them, as in one process
-    result = log_likelihood(*vae.local_pair(), rows, args.num_samples, args.chunk_size, return_diagnostics=True,
-                            keep_log_weights=args.khat_points if w.main else 0, progress=not args.no_progress and w.main)
+    result = log_likelihood(*vae.likelihood_pair(), rows, args.num_samples, args.chunk_size, return_diagnostics=True,
+                            keep_log_weights=args.khat_points if w.main else 0, progress=not args.no_progress and w.main,
+                            compile=vae.likelihood_compile)
     ll, ess = result.log_likelihood.to(torch.float64), result.ess.to(torch.float64)
     sums = all_sum(torch.stack([ll.sum(), (ll**2).sum(), ll.new_tensor(ll.numel()), ess.sum()]))
     ess_min = -all_sum(torch.zeros(w.size, dtype=torch.float64).index_fill_(0, torch.tensor([w.rank]),

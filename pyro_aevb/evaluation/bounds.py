@@ -72,9 +72,9 @@ def _bound_terms(model, guide, x, num_particles: int, analytic_kl: bool, **kwarg
     for name, site in sample_sites(terms.model_trace, observed=False).items():
         q_site = terms.guide_trace.nodes[name]
         try:
-            bound = bound - per_datapoint(kl_divergence(q_site["fn"], site["fn"]), shape)
+            bound = bound - per_datapoint(kl_divergence(q_site["fn"], site["fn"]), shape, site)
         except NotImplementedError:
-            bound = bound + per_datapoint(site["unscaled_log_prob"] - q_site["unscaled_log_prob"], shape)
+            bound = bound + per_datapoint(site["unscaled_log_prob"] - q_site["unscaled_log_prob"], shape, site)
     return bound
 
 

@@ -210,6 +210,20 @@ class VAE(nn.Module):
         the ELBO (a param statement inside ``torch.jit``/``make_fx`` would sync with Pyro's param store)."""
         return self.model.forward, self.guide.forward
 
+    #: datapoints per pass of the reported bound, and (particle, datapoint) pairs per pass of importance
+    #: sampling (None: the evaluation's own default); a model with bigger traces sets smaller ones
+    evaluation_rows: int = 1000
+    likelihood_chunk: int | None = None
+    likelihood_compile: bool | str = "auto"  # ``compile`` of the importance-sampling passes
+
+    def evaluation_pair(self):
+        """``(model, guide)`` of the reported bound: :meth:`local_pair` (a diffusion's sums every step)."""
+        return self.local_pair()
+
+    def likelihood_pair(self):
+        """``(model, guide)`` for the importance-sampled log-likelihood: :meth:`local_pair`."""
+        return self.local_pair()
+
     @torch.no_grad()
     def sample(self, n: int) -> torch.Tensor:
         """Decoder means at n draws from the prior, shape (n, D)."""

@@ -34,13 +34,14 @@ from __future__ import annotations
 import pyro.infer
 
 
-def trace_elbo(num_particles: int = 1, **kwargs) -> pyro.infer.ELBO:
-    """SGVB estimator A: ``Trace_ELBO`` with L = ``num_particles``, vectorized."""
+def trace_elbo(num_particles: int = 1, max_plate_nesting: int = 1, **kwargs) -> pyro.infer.ELBO:
+    """SGVB estimator A: ``Trace_ELBO`` with L = ``num_particles``, vectorized (the particles' plate left of
+    the model's ``max_plate_nesting`` plates: 1, the data plate, for the VAE)."""
     return pyro.infer.Trace_ELBO(num_particles=num_particles, vectorize_particles=num_particles > 1,
-                                 max_plate_nesting=1, **kwargs)
+                                 max_plate_nesting=max_plate_nesting, **kwargs)
 
 
-def trace_mean_field_elbo(num_particles: int = 1, **kwargs) -> pyro.infer.ELBO:
+def trace_mean_field_elbo(num_particles: int = 1, max_plate_nesting: int = 1, **kwargs) -> pyro.infer.ELBO:
     """SGVB estimator B: ``TraceMeanField_ELBO`` with L = ``num_particles``, vectorized."""
     return pyro.infer.TraceMeanField_ELBO(num_particles=num_particles, vectorize_particles=num_particles > 1,
-                                          max_plate_nesting=1, **kwargs)
+                                          max_plate_nesting=max_plate_nesting, **kwargs)

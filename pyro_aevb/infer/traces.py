@@ -22,8 +22,11 @@ ELBOs read it.
 Conventions (those of :class:`pyro_aevb.generative.vae.VAE`, and of most Pyro
 models of i.i.d. data): the data plate is at dim -1 and every sample site is
 inside it; L > 1 particles are drawn in one vectorized pass by a ``particles``
-plate at dim -2. The model and guide are called with the same ``*args,
-**kwargs``; nothing here assumes their names.
+plate at dim -2. Plates further left (dim -3 and beyond, e.g. the diffusion
+model's subsampled time steps) are summed over, each scaled by its own
+``full_size / size``, so a datapoint's terms are unbiased for the full sums.
+The model and guide are called with the same ``*args, **kwargs``; nothing here
+assumes their names.
 """
 
 from __future__ import annotations
@@ -40,6 +43,8 @@ from pyro.poutine.util import prune_subsample_sites
 
 #: dim of the vectorized particle plate (the data plate is at -1)
 PARTICLE_DIM = -2
+#: plates Pyro's shape checks allow: data (-1), particles (-2) and one more, further left (-3)
+MAX_PLATE_NESTING = 3
 
 
 def particle_plate(num_particles: int | None):
@@ -75,9 +80,8 @@ def trace_pair(model, guide, *args, num_particles: int | None = None, **kwargs):
     Pyro's :func:`~pyro.infer.enum.get_importance_trace` does the work; ``num_particles``
     wraps both in a ``particles`` plate at dim -2.
     """
-    nesting = 1 if num_particles is None else -PARTICLE_DIM
     model, guide = in_particle_plate(model, num_particles), in_particle_plate(guide, num_particles)
-    return get_importance_trace("flat", nesting, model, guide, args, kwargs)
+    return get_importance_trace("flat", MAX_PLATE_NESTING, model, guide, args, kwargs)
 
 
 def trace_fn(fn, *args, num_particles: int | None = None, condition: dict | None = None, **kwargs):
@@ -99,23 +103,39 @@ def plate_scale(site: dict) -> float:
     return scale
 
 
-def per_datapoint(log_prob: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """A site's batch-shaped log-density broadcast to the terms' (L, M), or (M,) without particles."""
-    return log_prob.expand(shape) if log_prob.dim() <= len(shape) else log_prob
+def outer_scale(site: dict) -> float:
+    """The product of ``full_size / size`` over a site's plates left of the particle plate (dim < -2)."""
+    scale = 1.0
+    for frame in site["cond_indep_stack"]:
+        if frame.dim is not None and frame.dim < PARTICLE_DIM and frame.full_size is not None and frame.size:
+            scale *= frame.full_size / frame.size
+    return scale
+
+
+def per_datapoint(log_prob: torch.Tensor, shape: torch.Size, site: dict | None = None) -> torch.Tensor:
+    """A site's batch-shaped log-density as the terms' (L, M), or (M,) without particles: broadcast, and
+    summed over plates further left (scaled by their ``full_size / size``, from ``site``)."""
+    extra = log_prob.dim() - len(shape)
+    if extra > 0:
+        log_prob = log_prob.sum(tuple(range(extra))) * (outer_scale(site) if site is not None else 1.0)
+    return log_prob.expand(shape)
 
 
 def sum_sites(sites: dict[str, dict], shape: torch.Size, key: str = "unscaled_log_prob") -> torch.Tensor:
-    """Sum of the sites' log-densities (``site[key]``), each broadcast to ``shape``."""
+    """Sum of the sites' log-densities (``site[key]``), each reduced to ``shape``."""
     total = None
     for site in sites.values():
-        term = per_datapoint(site[key], shape)
+        term = per_datapoint(site[key], shape, site)
         total = term if total is None else total + term
     return total if total is not None else torch.zeros(shape)
 
 
 def terms_shape(sites: dict[str, dict]) -> torch.Size:
-    """(L, M) or (M,): the largest batch shape among the sites (every site lies in the data plate)."""
-    shapes = [site["unscaled_log_prob"].shape for site in sites.values()]
+    """(L, M) or (M,): the batch shape of the data plate and the particle plate (every site lies in the data
+    plate; dims further left are other plates, summed over)."""
+    shapes = [site["unscaled_log_prob"].shape[-2:] if any(
+        f.dim == PARTICLE_DIM for f in site["cond_indep_stack"]) else site["unscaled_log_prob"].shape[-1:]
+        for site in sites.values()]
     return max(shapes, key=len) if shapes else torch.Size()
 
 

@@ -21,7 +21,7 @@ def write_figures(vae, data, metrics: list[dict], run_dir: Path, recipe) -> None
     x = data.test[torch.linspace(0, data.test.shape[0] - 1, 32).long()]  # spread out: a split may be sorted by class
     pairs = torch.stack([x, vae.reconstruct(x)], 1).reshape(-1, x.shape[-1])  # original, reconstruction, ...
     save_grid(pairs, shape, fig_dir / "reconstructions.png", title="test images and reconstructions")
-    if recipe.latent_dim == 2:
+    if recipe.model == "vae" and recipe.latent_dim == 2:
         n = 20
         images = manifold_images(vae.decoder.mean, n, device=data.test.device)
         save_grid(images, shape, fig_dir / "manifold.png", nrow=n, title="learned 2-D manifold")

@@ -245,7 +245,7 @@ def log_evaluation(run: Run, files: RunDirectory, clock: "_Clock", step: int, na
     if best.step == step and run.world.main:
         save_checkpoint(files.path / "best.pt", model=run.vae.state_dict(), step=step, samples=row["samples"],
                         valid_elbo=row["valid_elbo"], recipe=run.recipe.to_dict(),
-                        image_shape=list(run.data.dataset.image_shape))
+                        image_shape=list(run.data.dataset.image_shape), data_dim=run.data.dataset.dim)
     return row
 
 
@@ -309,6 +309,7 @@ def save_run_checkpoint(run: Run, files: RunDirectory, step: int, order: EpochOr
         nan_skips=nan_skips,
         recipe=run.recipe.to_dict(),
         image_shape=list(run.data.dataset.image_shape),
+        data_dim=run.data.dataset.dim,
         rng=rng_state(),
         world_size=w.size,
         **({"rng_ranks": ranks, "order_rng": order.generator.get_state()} if w.distributed else {}),

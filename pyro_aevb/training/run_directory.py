@@ -22,7 +22,8 @@ import pyro
 from ..version import __version__
 from ..config import make_recipe
 from ..errors import CheckpointError, ConfigError
-from ..generative.vae import VAE, build_vae
+from ..generative.registry import build_model
+from ..generative.vae import VAE
 from .checkpoint import atomic_write, load_checkpoint
 
 
@@ -199,8 +200,8 @@ def load(run_dir: str | Path, device: str | None = None, checkpoint: str = "last
     if device == "cuda" and not torch.cuda.is_available():
         device = "cpu"  # a run trained on a GPU still loads on a laptop
     state = payload["model"]
-    data_dim = state["encoder.hidden.0.weight"].shape[1]
-    vae = build_vae(recipe, data_dim)
+    data_dim = payload.get("data_dim") or state["encoder.hidden.0.weight"].shape[1]  # older checkpoints: a VAE
+    vae = build_model(recipe, data_dim)
     try:
         vae.load_state_dict(state)
     except RuntimeError as e:

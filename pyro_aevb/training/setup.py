@@ -16,7 +16,8 @@ import pyro
 from ..config import Recipe
 from ..data import Dataset, binarize, load_dataset
 from ..errors import ConfigError, DataError, TrainingError
-from ..generative.vae import VAE, build_vae
+from ..generative.registry import build_model
+from ..generative.vae import VAE
 from ..infer.registry import estimator_parameters, kl_status, make_estimator
 from .cuda_graphs import capture_plan
 from .distributed import World, device_for, seed_rank_streams, world
@@ -106,8 +107,8 @@ def initial_vae(recipe: Recipe, data_dim: int, train: torch.Tensor) -> VAE:
     """The VAE a run starts from: seeded by ``recipe.seed``, built, moved to ``train``'s device, and its
     prior initialised from the training data ``train`` (N, D) where it has that hook (the VampPrior)."""
     pyro.set_rng_seed(recipe.seed)  # torch, numpy and random
-    vae = build_vae(recipe, data_dim).to(train.device)
-    if hasattr(vae.prior, "initialize_from_data"):  # e.g. VampPrior's pseudo-inputs from training images
+    vae = build_model(recipe, data_dim).to(train.device)
+    if hasattr(getattr(vae, "prior", None), "initialize_from_data"):  # VampPrior's pseudo-inputs from images
         vae.prior.initialize_from_data(train)
     return vae
 
@@ -160,7 +161,9 @@ def build_run(recipe: Recipe, dataset: Dataset | None = None, initial_state: dic
     vae = initial_vae(recipe, data.dataset.dim, data.train)
     if initial_state is not None:
         vae.load_state_dict(initial_state)
-    estimator = make_estimator(recipe.estimator, recipe.num_particles, **recipe.estimator_options)
+    nesting = getattr(vae, "max_plate_nesting", 1)  # the diffusion's time plate is a second one, at dim -3
+    extra = {"max_plate_nesting": nesting} if recipe.estimator in ("sgvb-a", "sgvb-b") and nesting > 1 else {}
+    estimator = make_estimator(recipe.estimator, recipe.num_particles, **recipe.estimator_options, **extra)
     if w.distributed:
         check_distributed(recipe, estimator, w)
         seed_rank_streams(recipe.seed, w)  # the parameters are the same on every rank; the noise is not

@@ -1,0 +1,181 @@
+"""The diffusion model (issue 18): closed forms of a linear-Gaussian diffusion, the forward marginals, and the
+recipe through train / resume / evaluate / sample."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import pyro
+import pyro.infer
+import pyro.optim
+
+from diffusion_gaussian import DTYPE, exact_elbo, exact_log_marginal, linear_diffusion
+from pyro_aevb.config import load_recipe
+from pyro_aevb.errors import ConfigError
+from pyro_aevb.evaluation.bounds import elbo_per_datapoint
+from pyro_aevb.evaluation.marginal_likelihood import log_likelihood
+from pyro_aevb.generative.diffusion import Schedule, beta_schedule, build_diffusion
+from pyro_aevb.infer.registry import kl_status
+
+ELBOS = {"A": pyro.infer.Trace_ELBO, "B": pyro.infer.TraceMeanField_ELBO}
+
+
+def _data(n: int = 3, dim: int = 2, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return 0.3 + 0.5 * torch.randn(n, dim, generator=g, dtype=DTYPE)
+
+
+def _losses(elbo: str, model, guide, x, draws: int) -> torch.Tensor:
+    """``draws`` single-particle evaluations of Pyro's ELBO loss (the negative bound summed over x's rows)."""
+    estimator = ELBOS[elbo](max_plate_nesting=3)
+    with torch.no_grad():
+        return torch.tensor([estimator.loss(model, guide, x) for _ in range(draws)], dtype=DTYPE)
+
+
+@pytest.mark.parametrize("pair", ["every step", "one step sampled"])
+def test_both_estimators_match_the_closed_form_elbo_and_b_has_lower_variance(pair):
+    d = linear_diffusion(steps=6, dim=2, time_samples=5 if pair == "every step" else 1, perturb=0.2)
+    x = _data()
+    exact = -exact_elbo(d, x).sum().item()
+    pyro.set_rng_seed(0)
+    losses = {name: _losses(name, d.model, d.guide, x, 1500) for name in ELBOS}
+    for name, values in losses.items():
+        se = values.std().item() / math.sqrt(values.numel())
+        assert abs(values.mean().item() - exact) < 3 * se, (name, values.mean().item(), exact, se)
+    assert losses["B"].var() < 0.8 * losses["A"].var()
+    assert kl_status(d.model, d.guide, x) == "analytic"  # every site's KL is registered: B is exact per site
+
+
+def test_time_subsampling_is_unbiased_for_the_full_sum():
+    """Per datapoint, the time-sampled bound (k = 2 of T - 1 = 7) averages to the every-step bound, and both
+    to the closed form; a wrong scale (T - 1)/k would move the mean by the steps' whole KL."""
+    d = linear_diffusion(steps=8, dim=3, time_samples=2, perturb=0.2)
+    x = _data(4, 3)
+    pyro.set_rng_seed(0)
+    sampled = torch.stack([elbo_per_datapoint(d.model, d.guide, x, num_particles=200) for _ in range(40)])
+    with d.exact():
+        every = torch.stack([elbo_per_datapoint(d.model, d.guide, x, num_particles=200) for _ in range(40)])
+    exact = exact_elbo(d, x)
+    for values in (sampled, every):
+        se = values.std(0) / math.sqrt(values.shape[0])
+        assert ((values.mean(0) - exact).abs() < 3.5 * se).all(), (values.mean(0), exact, se)
+    assert (sampled.std(0) > every.std(0)).all()  # sampling t adds variance, not bias
+    assert (exact - exact_log_marginal(d, x) < -1.0).all()  # a real gap: the steps' KLs are not negligible
+
+
+def test_the_per_step_terms_sum_to_the_bound():
+    """bound_terms: L_T + sum_t L_{t-1} + L_0 averages to the closed-form bound; L_T is a KL of closed forms."""
+    d = linear_diffusion(steps=6, dim=2, perturb=0.2)
+    x = _data(3)
+    pyro.set_rng_seed(0)
+    draws = [d.bound_terms(x) for _ in range(3000)]
+    totals = torch.stack([t["L_T"] + t["L_t"].sum(0) + t["L_0"] for t in draws])  # (draws, M)
+    se = totals.std(0) / math.sqrt(totals.shape[0])
+    assert ((totals.mean(0) - exact_elbo(d, x)).abs() < 3.5 * se).all()
+    assert draws[0]["L_t"].shape == (5, 3)
+    ab = d.schedule.alpha_bar[-1]
+    kl_T = 0.5 * (ab * x**2 + (1 - ab) - 1 - torch.log(1 - ab)).sum(-1)  # KL(N(sqrt(ab) x, 1 - ab) || N(0, 1))
+    assert torch.allclose(draws[0]["L_T"], -kl_T)
+
+
+def test_the_chain_pair_gives_the_same_bound_and_its_is_estimate_converges_to_log_px():
+    d = linear_diffusion(steps=6, dim=2, perturb=0.2)
+    x = _data(8)
+    exact_px, exact_bound = exact_log_marginal(d, x), exact_elbo(d, x)
+    pyro.set_rng_seed(0)
+    chain = elbo_per_datapoint(*d.likelihood_pair(), x, num_particles=20_000)
+    assert torch.allclose(chain, exact_bound, atol=0.1)
+    errors = [(log_likelihood(*d.likelihood_pair(), x, num_samples=k) - exact_px).abs().mean().item()
+              for k in (10, 1000, 100_000)]
+    assert errors[0] > errors[1] > errors[2] and errors[2] < 0.05, errors
+    assert (exact_px - exact_bound).mean() > 2.0  # K = 1 is the bound, nats below
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_forward_marginals_sampled_step_by_step_match_the_closed_form(schedule):
+    """z_t from the chain, on 2,000 copies of one binarized image (784 pixels): mean sqrt(ab_t)(2x - 1) and
+    variance 1 - ab_t, by the average over pixels of the squared standardised errors (about 1 each)."""
+    recipe = load_recipe(None, {"model": "diffusion", "model_options": {"schedule": schedule, "width": 8, "depth": 1}})
+    d = build_diffusion(recipe, 784)
+    g = torch.Generator().manual_seed(3)
+    x = (torch.rand(784, generator=g) < 0.3).float().expand(2000, 784)
+    torch.manual_seed(0)
+    steps = [1, 10, 300, 1000]
+    n = x.shape[0]
+    for t, z in zip(steps, d.forward_chain(x, steps)):
+        loc, scale = d.schedule.marginal(t, 2 * x[0] - 1)
+        z = z.double()
+        mean_err = (z.mean(0) - loc) / (scale / math.sqrt(n))
+        var_err = (z.var(0) - scale**2) / (scale**2 * math.sqrt(2 / (n - 1)))
+        assert 0.8 < (mean_err**2).mean() < 1.2 and 0.8 < (var_err**2).mean() < 1.2, (t, mean_err, var_err)
+    assert d.schedule.alpha_bar[-1] < 1e-4  # by T the chain is white noise
+
+
+def test_schedules_and_posteriors_agree_with_their_definitions():
+    for kind in ("linear", "cosine"):
+        betas = beta_schedule(kind, 50)
+        s = Schedule(betas).double()
+        assert torch.allclose(s.alpha_bar, torch.cumprod(1 - betas, 0))
+        # q(z_{t-1}|z_t, x) by Bayes: N(sqrt(ab_{t-1}) x, 1 - ab_{t-1}) times N(z_t; sqrt(1 - b_t) z_{t-1}, b_t)
+        t, x0, zt = 7, torch.tensor(0.4, dtype=DTYPE), torch.tensor(-0.3, dtype=DTYPE)
+        ab_prev, b = s.alpha_bar[t - 2], betas[t - 1]
+        precision = 1 / (1 - ab_prev) + (1 - b) / b
+        mean = (ab_prev.sqrt() * x0 / (1 - ab_prev) + (1 - b).sqrt() * zt / b) / precision
+        loc, scale = s.posterior(t, zt, x0)
+        assert torch.allclose(loc, mean) and torch.allclose(scale**2, 1 / precision)
+    with pytest.raises(ConfigError, match="schedule"):
+        beta_schedule("quadratic", 10)
+
+
+def test_pyro_svi_trains_the_pair_towards_the_closed_form_optimum():
+    """Pyro's own SVI and pyro.optim on the PyroModule pair: the closed-form bound of the data rises."""
+    d = linear_diffusion(steps=5, dim=2, perturb=0.5)
+    x = _data(64)
+    before = exact_elbo(d, x).mean().item()
+    svi = pyro.infer.SVI(d.model, d.guide, pyro.optim.Adam({"lr": 0.02}), pyro.infer.TraceMeanField_ELBO(max_plate_nesting=3))
+    pyro.set_rng_seed(0)
+    for _ in range(300):
+        svi.step(x)
+    assert exact_elbo(d, x).mean().item() > before + 0.5
+
+
+def test_recipe_checks_are_one_line():
+    with pytest.raises(ConfigError, match="model 'diffusion' trains with estimator"):
+        load_recipe(None, {"model": "diffusion", "estimator": "wake-sleep"})
+    with pytest.raises(ConfigError, match="model_options"):
+        load_recipe(None, {"model": "diffusion", "model_options": {"stepz": 10}})
+    with pytest.raises(ConfigError, match="steps must be >= 2"):
+        build_diffusion(load_recipe(None, {"model": "diffusion", "model_options": {"steps": 1}}), 4)
+
+
+def _cli(*args, **kwargs):
+    return subprocess.run([sys.executable, "-m", "pyro_aevb", *args], capture_output=True, text=True, **kwargs)
+
+
+def test_the_recipe_trains_evaluates_and_samples(tmp_path, shared_data):
+    """The shipped recipe (T = 1000) for 300 samples, through the CLI: run directory, exact bound and IS
+    log-likelihood from evaluate, a PNG grid from sample."""
+    env = {**os.environ, "PYRO_AEVB_DATA": str(shared_data), "MPLBACKEND": "Agg"}
+    run = tmp_path / "run"
+    out = _cli("train", "diffusion_mnist", "--out", str(run), "--no-progress", "--set", "max_samples=300",
+               "--set", "eval_every=300", "--set", "checkpoint_every=300", env=env)
+    assert out.returncode == 0, out.stderr
+    info = json.loads((run / "run.json").read_text())
+    assert info["kl"] == "analytic" and info["fast_path"].startswith("eager Pyro: Diffusion")
+    out = _cli("evaluate", str(run), "--max-datapoints", "3", "--num-samples", "2", "--json", "--no-progress", env=env)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["n"] == 3 and math.isfinite(result["elbo"]) and math.isfinite(result["log_likelihood"])
+    assert result["compiled"] == "eager"  # the chain pair's passes run eagerly
+    out = _cli("sample", str(run), "-n", "4", "--out", str(tmp_path / "s.png"), "--seed", "0", env=env)
+    assert out.returncode == 0, out.stderr
+    from PIL import Image
+
+    assert Image.open(tmp_path / "s.png").size[0] >= 2 * 28
