@@ -19,7 +19,7 @@ import pyro.optim
 from diffusion_gaussian import DTYPE, exact_elbo, exact_log_marginal, linear_diffusion
 from pyro_aevb.config import load_recipe
 from pyro_aevb.errors import ConfigError
-from pyro_aevb.evaluation.bounds import elbo_per_datapoint
+from pyro_aevb.evaluation.bounds import bound_values, clustered_bound, elbo_per_datapoint
 from pyro_aevb.evaluation.marginal_likelihood import log_likelihood
 from pyro_aevb.generative.diffusion import Schedule, beta_schedule, build_diffusion
 from pyro_aevb.infer.registry import kl_status
@@ -68,6 +68,25 @@ def test_time_subsampling_is_unbiased_for_the_full_sum():
         assert ((values.mean(0) - exact).abs() < 3.5 * se).all(), (values.mean(0), exact, se)
     assert (sampled.std(0) > every.std(0)).all()  # sampling t adds variance, not bias
     assert (exact - exact_log_marginal(d, x) < -1.0).all()  # a real gap: the steps' KLs are not negligible
+
+
+def test_the_reported_standard_error_counts_the_shared_time_steps():
+    """The rows of a pass share its k sampled steps, so their bounds are correlated: training reports the
+    SE over passes (clustered_bound). Over 40 repeats its SE matches the spread of the estimate, which the
+    SE over datapoints understates several times over."""
+    d = linear_diffusion(steps=8, dim=3, time_samples=1, perturb=0.3)
+    x = 0.3 + 0.5 * torch.randn(2000, 3, generator=torch.Generator().manual_seed(2), dtype=DTYPE)
+    pyro.set_rng_seed(0)
+    means, clustered, naive = [], [], []
+    for _ in range(40):
+        values = bound_values(d.model, d.guide, x, 1, True, d.shared_draw_rows)
+        bound = clustered_bound(values, d.shared_draw_rows)
+        means.append(bound.mean)
+        clustered.append(bound.se)
+        naive.append(values.std().item() / math.sqrt(values.numel()))
+    spread = torch.tensor(means).std().item()
+    assert 0.6 < sum(clustered) / len(clustered) / spread < 1.6
+    assert sum(naive) / len(naive) < 0.5 * spread
 
 
 def test_the_per_step_terms_sum_to_the_bound():
@@ -179,3 +198,20 @@ def test_the_recipe_trains_evaluates_and_samples(tmp_path, shared_data):
     from PIL import Image
 
     assert Image.open(tmp_path / "s.png").size[0] >= 2 * 28
+
+
+def test_the_x_parameterization_gets_the_steps_near_t1_right_from_the_start(shared_data):
+    """At initialization, on binarized MNIST, the per-pixel posterior skip of the "x" parameterization makes
+    the KLs of steps 2..10 vanish, where epsilon = 0 costs hundreds of nats (what the skip is for)."""
+    from pyro_aevb.data import load_dataset
+
+    x = load_dataset("binarized-mnist", data_dir=str(shared_data)).test[:20]
+    early = {}
+    for parameterization in ("x", "epsilon"):
+        recipe = load_recipe(None, {"model": "diffusion", "model_options": {"parameterization": parameterization,
+                                                                             "width": 16, "depth": 1}})
+        torch.manual_seed(0)
+        early[parameterization] = -build_diffusion(recipe, 784).bound_terms(x)["L_t"][:9].mean(1).sum().item()
+    assert early["x"] < 1.0 and early["epsilon"] > 100, early
+    with pytest.raises(ConfigError, match="parameterization"):
+        build_diffusion(load_recipe(None, {"model": "diffusion", "model_options": {"parameterization": "v"}}), 4)

@@ -38,9 +38,24 @@ the sum :math:`L_0 + \sum_t L_{t-1} + L_T` of Ho et al. Two Pyro model/guide pai
   an unbiased training objective, not a generative model. With ``time_samples = T - 1`` (:meth:`exact`)
   it is the full sum.
 
-The reverse means are :math:`\mu_\theta(z_t, t) = (z_t - \beta_t\,\epsilon_\theta(z_t, t)/\sqrt{1-\bar\alpha_t})
-/ \sqrt{1-\beta_t}` with one time-conditioned MLP :math:`\epsilon_\theta` shared across t
-(:class:`Denoiser`); any module with a ``mean(z_t, t)`` method can replace it.
+The reverse means come from one time-conditioned MLP :math:`f_\theta(z_t, t)` shared across t
+(:class:`Denoiser`), in one of two parameterizations:
+
+* ``"x"`` (default): the mean of the forward posterior at a predicted image,
+  :math:`\mu_\theta(z_t, t) = \tilde\mu_t(z_t, \hat x_\theta)`, with
+  :math:`\hat x_\theta = \tanh\big(\sqrt{\bar\alpha_t}\,z_t/(1-\bar\alpha_t) + f_\theta(z_t, t)\big)`. The first
+  term is each pixel's own posterior mean :math:`\mathbb E[\tilde x_d \mid z_{t,d}]` for :math:`\tilde x_d = \pm 1`
+  equally likely, so the network learns a correction (the other pixels' evidence), and the steps near
+  t = 1, whose KLs dominate the bound (the forward posterior's variance there is about :math:`10^{-4}`),
+  are right from the start. Then :math:`-L_{t-1} = \bar\alpha_{t-1}\beta_t^2/(1-\bar\alpha_t)^2\,
+  \|\tilde x - \hat x_\theta\|^2 / (2\tilde\beta_t)`.
+* ``"epsilon"``: Ho et al.'s :math:`\mu_\theta(z_t, t) = (z_t - \beta_t\,\epsilon_\theta(z_t, t)/\sqrt{1-\bar\alpha_t})
+  /\sqrt{1-\beta_t}` with :math:`\epsilon_\theta = f_\theta`. Trained on the bound itself (not Ho et al.'s
+  re-weighted "simple" loss), on binary images it barely learns the steps near t = 1: predicting
+  :math:`\epsilon` there means resolving :math:`\tilde x = \pm 1` from :math:`z_t` with slopes of
+  :math:`1/\sqrt{1-\bar\alpha_t} \approx 100` (RESULTS.md measures it).
+
+Any module with a ``mean(z_t, t)`` method can replace the denoiser.
 
 References:
   [1] J. Sohl-Dickstein et al. Deep Unsupervised Learning using Nonequilibrium Thermodynamics. ICML 2015.
@@ -69,6 +84,7 @@ from ..errors import ConfigError
 from .vae import data_plate
 
 SCHEDULES = ("linear", "cosine")
+PARAMETERIZATIONS = ("x", "epsilon")
 #: dim of the time plate: left of the data plate (-1) and of an evaluation's particle plate (-2)
 TIME_DIM = -3
 
@@ -126,18 +142,24 @@ class Schedule(nn.Module):
 
 
 class Denoiser(nn.Module):
-    """:math:`\\epsilon_\\theta(z_t, t)`: an MLP on ``[z_t, embedding(t)]`` (sinusoidal, 64 numbers), ``depth``
-    hidden layers of ``width`` SiLU units, shared across t; the reverse mean comes from it (see the module)."""
+    """:math:`f_\\theta(z_t, t)`: an MLP on ``[z_t, embedding(t)]`` (sinusoidal, 64 numbers), ``depth`` hidden
+    layers of ``width`` SiLU units, shared across t, its last layer zero at the start; the reverse mean
+    comes from it by ``parameterization`` ``"x"`` or ``"epsilon"`` (see the module)."""
 
-    def __init__(self, data_dim: int, schedule: Schedule, width: int = 512, depth: int = 2, embed: int = 64):
+    def __init__(self, data_dim: int, schedule: Schedule, width: int = 512, depth: int = 2, embed: int = 64,
+                 parameterization: str = "x"):
         super().__init__()
+        if parameterization not in PARAMETERIZATIONS:
+            raise ConfigError(f"model_options.parameterization = {parameterization!r} is not valid; choose one "
+                              f"of: {', '.join(PARAMETERIZATIONS)}")
         self.schedule = (schedule,)  # a reference: the schedule is the Diffusion's own submodule
+        self.parameterization = parameterization
         layers, d = [], data_dim + embed
         for _ in range(depth):
             layers += [nn.Linear(d, width), nn.SiLU()]
             d = width
         self.net = nn.Sequential(*layers, nn.Linear(d, data_dim))
-        nn.init.zeros_(self.net[-1].weight)  # starts at epsilon = 0: the mean z_t / sqrt(1 - beta_t)
+        nn.init.zeros_(self.net[-1].weight)  # starts at f = 0: the per-pixel posterior mean, or epsilon = 0
         nn.init.zeros_(self.net[-1].bias)
         self.register_buffer("frequencies", torch.exp(-math.log(10_000) * torch.arange(embed // 2) / (embed // 2)))
 
@@ -150,10 +172,13 @@ class Denoiser(nn.Module):
         return e.expand(like.shape[:-1] + e.shape[-1:])
 
     def mean(self, z_t: torch.Tensor, t) -> torch.Tensor:
-        schedule = self.schedule[0]
-        eps = self.net(torch.cat([z_t, self.embedding(t, z_t)], -1))
-        beta, ab = schedule.at(schedule.beta, t), schedule.at(schedule.alpha_bar, t)
-        return (z_t - beta / (1 - ab).sqrt() * eps) / (1 - beta).sqrt()
+        s = self.schedule[0]
+        f = self.net(torch.cat([z_t, self.embedding(t, z_t)], -1))
+        beta, ab = s.at(s.beta, t), s.at(s.alpha_bar, t)
+        if self.parameterization == "epsilon":
+            return (z_t - beta / (1 - ab).sqrt() * f) / (1 - beta).sqrt()
+        x_hat = torch.tanh(ab.sqrt() / (1 - ab) * z_t + f)
+        return s.posterior(t, z_t, x_hat)[0]
 
 
 class PixelBernoulli(nn.Module):
@@ -285,6 +310,9 @@ class Diffusion(nn.Module):
     """
 
     max_plate_nesting = -TIME_DIM
+    #: rows per pass of the time-sampled bound that training reports: a pass's rows share its sampled steps,
+    #: so its standard error is taken over passes (:func:`~pyro_aevb.evaluation.bounds.clustered_bound`)
+    shared_draw_rows = 100
     #: the importance-sampling passes run eagerly: a graph of T sequential steps is too big to compile
     likelihood_compile = False
     #: training's fast paths (a traced ELBO) are not used: the time plate draws its steps anew at each call
@@ -409,18 +437,21 @@ class Diffusion(nn.Module):
 
 #: ``[model_options]`` of ``model = "diffusion"``, with their defaults
 def diffusion_options(data_dim: int = 0, steps: int = 1000, schedule: str = "linear", width: int = 512,
-                      depth: int = 2, time_samples: int = 4) -> dict:
+                      depth: int = 2, time_samples: int = 4, parameterization: str = "x") -> dict:
     """The diffusion's recipe options (a registry factory: its keyword defaults are the valid keys)."""
-    return {"steps": steps, "schedule": schedule, "width": width, "depth": depth, "time_samples": time_samples}
+    return {"steps": steps, "schedule": schedule, "width": width, "depth": depth, "time_samples": time_samples,
+            "parameterization": parameterization}
 
 
 def build_diffusion(recipe, data_dim: int) -> Diffusion:
-    """The diffusion of a recipe: ``[model_options]`` steps, schedule, width, depth, time_samples; the
+    """The diffusion of a recipe: ``[model_options]`` steps, schedule, width, depth, time_samples,
+    parameterization; the
     decoder by ``likelihood`` (Bernoulli for binary images, Gaussian for grey ones)."""
     options = diffusion_options(**recipe.model_options)
     if options["steps"] < 2 or options["width"] < 1 or options["depth"] < 1 or options["time_samples"] < 1:
         raise ConfigError(f"[model_options] steps must be >= 2, width, depth and time_samples >= 1; got {options}")
     schedule = Schedule(beta_schedule(options["schedule"], options["steps"]))
     decoder = PixelBernoulli(data_dim) if recipe.likelihood == "bernoulli" else PixelGaussian(data_dim)
-    denoiser = Denoiser(data_dim, schedule, options["width"], options["depth"])
+    denoiser = Denoiser(data_dim, schedule, options["width"], options["depth"],
+                        parameterization=options["parameterization"])
     return Diffusion(schedule, denoiser, decoder, data_dim, options["time_samples"])
