@@ -37,8 +37,8 @@ DTYPE = torch.float64
 
 
 def _at(values: torch.Tensor, t) -> torch.Tensor:
-    """values (T, D) at step t: (D,) for an int, (k, 1, 1, D) for the time plate's t (k,)."""
-    return values[t - 1][:, None, None, :] if torch.is_tensor(t) else values[t - 1]
+    """values (T, D) at step t: (D,) for an int, t.shape + (D,) for the time plate's t (k, L or 1, M)."""
+    return values[t - 1]
 
 
 class LinearReverse(nn.Module):

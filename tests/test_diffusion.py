@@ -19,7 +19,7 @@ import pyro.optim
 from diffusion_gaussian import DTYPE, exact_elbo, exact_log_marginal, linear_diffusion
 from pyro_aevb.config import load_recipe
 from pyro_aevb.errors import ConfigError
-from pyro_aevb.evaluation.bounds import bound_values, clustered_bound, elbo_per_datapoint
+from pyro_aevb.evaluation.bounds import bound_values, elbo_per_datapoint
 from pyro_aevb.evaluation.marginal_likelihood import log_likelihood
 from pyro_aevb.generative.diffusion import Schedule, beta_schedule, build_diffusion
 from pyro_aevb.infer.registry import kl_status
@@ -70,23 +70,26 @@ def test_time_subsampling_is_unbiased_for_the_full_sum():
     assert (exact - exact_log_marginal(d, x) < -1.0).all()  # a real gap: the steps' KLs are not negligible
 
 
-def test_the_reported_standard_error_counts_the_shared_time_steps():
-    """The rows of a pass share its k sampled steps, so their bounds are correlated: training reports the
-    SE over passes (clustered_bound). Over 40 repeats its SE matches the spread of the estimate, which the
-    SE over datapoints understates several times over."""
+def test_each_datapoint_draws_its_own_steps_so_the_se_over_datapoints_is_honest():
+    """Each row (and particle) draws its own k steps through the site t_uniform (k, L, M), the same in model
+    and guide, so rows' bounds are independent: over 40 repeats the SE over datapoints that training reports
+    matches the spread of the estimate. (Steps shared by a minibatch's rows would make that SE several
+    times too small.)"""
     d = linear_diffusion(steps=8, dim=3, time_samples=1, perturb=0.3)
     x = 0.3 + 0.5 * torch.randn(2000, 3, generator=torch.Generator().manual_seed(2), dtype=DTYPE)
     pyro.set_rng_seed(0)
-    means, clustered, naive = [], [], []
+    means, naive = [], []
     for _ in range(40):
-        values = bound_values(d.model, d.guide, x, 1, True, d.shared_draw_rows)
-        bound = clustered_bound(values, d.shared_draw_rows)
-        means.append(bound.mean)
-        clustered.append(bound.se)
+        values = bound_values(d.model, d.guide, x, 1, True, 100)
+        means.append(values.mean().item())
         naive.append(values.std().item() / math.sqrt(values.numel()))
     spread = torch.tensor(means).std().item()
-    assert 0.6 < sum(clustered) / len(clustered) / spread < 1.6
-    assert sum(naive) / len(naive) < 0.5 * spread
+    assert 0.6 < sum(naive) / len(naive) / spread < 1.6
+    guide_trace = pyro.poutine.trace(d.guide).get_trace(x[:100])
+    model_trace = pyro.poutine.trace(pyro.poutine.replay(d.model, trace=guide_trace)).get_trace(x[:100])
+    u = guide_trace.nodes["t_uniform"]["value"]
+    assert u.shape == (1, 1, 100) and torch.equal(model_trace.nodes["t_uniform"]["value"], u)
+    assert len(set((u * 7).long().flatten().tolist())) == 7  # 100 rows cover all T - 1 = 7 steps
 
 
 def test_the_per_step_terms_sum_to_the_bound():
@@ -165,6 +168,58 @@ def test_pyro_svi_trains_the_pair_towards_the_closed_form_optimum():
     assert exact_elbo(d, x).mean().item() > before + 0.5
 
 
+def test_the_traced_training_loss_computes_eager_pyros_and_draws_fresh_steps():
+    """The steps are drawn inside the graph (t_uniform), so the time-sampled ELBO traces (the JIT fast path).
+    With the Gaussian noise held fixed, the steps are the only draw: seed for seed, the traced loss and
+    gradients equal eager Pyro's, for every step and for 4 sampled per datapoint, and another seed draws
+    other steps. With the noise sampled too, traced and eager losses agree in distribution (seed for seed
+    they differ: the JIT may run the independent draws in another order)."""
+    from unittest import mock
+
+    from pyro_aevb.infer.registry import make_estimator
+    from pyro_aevb.training.tracing import compile_loss
+
+    def fixed(shape, dtype, device):
+        return torch.full(shape, 0.3, dtype=dtype, device=device)
+
+    torch.manual_seed(0)
+    x = torch.rand(20, 784).bernoulli()
+    estimator = make_estimator("sgvb-b", max_plate_nesting=3)
+    for k in (49, 4):  # every step, then 4 sampled per datapoint
+        recipe = load_recipe(None, {"model": "diffusion",
+                                    "model_options": {"steps": 50, "width": 16, "depth": 1, "time_samples": k}})
+        d = build_diffusion(recipe, 784)
+        with torch.no_grad():  # away from the zero init, so that every parameter has a gradient
+            for p in d.parameters():
+                p.add_(0.1 * torch.randn_like(p))
+        with mock.patch.object(torch.distributions.normal, "_standard_normal", fixed), \
+                mock.patch("pyro_aevb.training.tracing._standard_normal_as_eager", fixed):
+            compiled, reason = compile_loss("sgvb-b", d, estimator, x, num_data=600, backend="jit")
+            assert compiled is not None, reason
+            values = []
+            for seed in (1, 2):
+                torch.manual_seed(seed)
+                eager = estimator.differentiable_loss(d.model, d.guide, x, num_data=600)
+                d.zero_grad()
+                eager.backward()
+                g_eager = {name: p.grad.clone() for name, p in d.named_parameters()}
+                torch.manual_seed(seed)
+                fast = compiled(x, 1.0)
+                d.zero_grad()
+                fast.backward()
+                assert torch.allclose(fast, eager, rtol=1e-5, atol=0), (k, fast.item(), eager.item())
+                for name, p in d.named_parameters():
+                    assert torch.allclose(p.grad, g_eager[name], rtol=1e-4, atol=1e-4), (k, name)
+                values.append(fast.item())
+            assert (values[0] != values[1]) == (k == 4)  # only the sampled steps are random
+    compiled, reason = compile_loss("sgvb-b", d, estimator, x, num_data=600, backend="jit")
+    with torch.no_grad():
+        losses = {"eager": torch.tensor([estimator.loss(d.model, d.guide, x, num_data=600) for _ in range(60)]),
+                  "traced": torch.stack([compiled(x, 1.0).detach() for _ in range(60)])}
+    se = math.sqrt(sum(v.var().item() / v.numel() for v in losses.values()))
+    assert abs(losses["eager"].mean().item() - losses["traced"].mean().item()) < 3.5 * se
+
+
 def test_recipe_checks_are_one_line():
     with pytest.raises(ConfigError, match="model 'diffusion' trains with estimator"):
         load_recipe(None, {"model": "diffusion", "estimator": "wake-sleep"})
@@ -187,7 +242,7 @@ def test_the_recipe_trains_evaluates_and_samples(tmp_path, shared_data):
                "--set", "eval_every=300", "--set", "checkpoint_every=300", env=env)
     assert out.returncode == 0, out.stderr
     info = json.loads((run / "run.json").read_text())
-    assert info["kl"] == "analytic" and info["fast_path"].startswith("eager Pyro: Diffusion")
+    assert info["kl"] == "analytic" and info["fast_path"] == "jit"  # a short CPU run: the traced ELBO
     out = _cli("evaluate", str(run), "--max-datapoints", "3", "--num-samples", "2", "--json", "--no-progress", env=env)
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout.strip().splitlines()[-1])

@@ -108,25 +108,6 @@ def average_bound(
     return Bound(values.mean().item(), se, values.numel())
 
 
-def clustered_bound(values: torch.Tensor, rows: int, reduce=None) -> Bound:
-    r"""The mean of ``values`` (N,) with a standard error over consecutive chunks of ``rows`` values, for
-    datapoints that share random draws within a pass (a diffusion's sampled time steps): with chunk sums
-    :math:`S_c` of :math:`n_c` values, C chunks, N values and mean :math:`m = \sum S_c / N`,
-
-    .. math:: \mathrm{se}^2 = \frac{C}{C-1} \sum_c (S_c - m\,n_c)^2 / N^2
-
-    (the cluster-robust standard error of a ratio). ``reduce`` adds a float64 tensor up over the
-    processes that each hold part of the values (e.g. ``all_sum`` under torchrun; default: none)."""
-    reduce = reduce or (lambda t: t)
-    sums = torch.stack([c.double().sum() for c in values.split(rows)])
-    counts = torch.tensor([float(c.numel()) for c in values.split(rows)], dtype=torch.float64)
-    total, n, chunks = reduce(torch.stack([sums.sum(), counts.sum(), torch.tensor(float(len(sums)))])).tolist()
-    mean = total / n
-    spread = reduce(((sums - mean * counts) ** 2).sum().reshape(1)).item()
-    se = math.sqrt(chunks / (chunks - 1) * spread) / n if chunks > 1 else float("nan")
-    return Bound(mean, se, int(n))
-
-
 def bound_values(model, guide, x: torch.Tensor, num_particles: int = 1, analytic_kl: bool = True,
                  chunk_size: int = 1000, transform=None) -> torch.Tensor:
     """:func:`elbo_per_datapoint` of every row of x, in chunks of ``chunk_size`` rows: shape (N,)."""

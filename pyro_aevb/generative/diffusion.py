@@ -29,14 +29,17 @@ the sum :math:`L_0 + \sum_t L_{t-1} + L_T` of Ho et al. Two Pyro model/guide pai
   ``TraceMeanField_ELBO`` (SGVB B) computes exactly the sum of KLs above and ``Trace_ELBO`` (A) its Monte
   Carlo version; it is a true model/guide pair, so importance sampling with the guide as proposal
   estimates :math:`\log p(x)`. It costs T sequential steps.
-* the **time-sampled** pair (:attr:`Diffusion.model`, :attr:`Diffusion.guide`), for training: a
-  ``pyro.plate("time", T - 1, subsample_size=k)`` draws k of the T - 1 steps per minibatch and scales
-  their terms by :math:`(T-1)/k`, the same idea as the data plate's N/M, so the estimate is unbiased for
-  the full sum. For each sampled t the guide draws :math:`z_t \sim q(z_t|x)` (closed form) and
-  :math:`z_{t-1} \sim q(z_{t-1}|z_t,x)`; the model scores :math:`p_\theta(z_{t-1}|z_t)`. Its site ``z_t``
-  repeats the guide's :math:`q(z_t|x)`, so that site's terms cancel exactly (its KL is 0): this pair is
-  an unbiased training objective, not a generative model. With ``time_samples = T - 1`` (:meth:`exact`)
-  it is the full sum.
+* the **time-sampled** pair (:attr:`Diffusion.model`, :attr:`Diffusion.guide`), for training: each
+  datapoint draws its own k steps :math:`t_j = 2 + \lfloor (T-1) u_j \rfloor` from a site
+  ``t_uniform`` :math:`u \sim \mathcal U(0, 1)` of shape (k, L or 1, M) inside a time plate of k slots of
+  the T - 1 steps, so scaled by :math:`(T-1)/k`, the same idea as the data plate's N/M: :math:`\mathbb E\,[(T-1)/k \sum_j
+  L_{t_j - 1}] = \sum_t L_{t-1}`, unbiased. ``t_uniform`` has the same distribution in model and guide,
+  so its terms are exactly 0 under both estimators (its KL is registered), and, a sample site, the
+  model replays the guide's steps as it replays every latent. For each step the guide draws
+  :math:`z_t \sim q(z_t|x)` (closed form) and :math:`z_{t-1} \sim q(z_{t-1}|z_t,x)`; the model scores
+  :math:`p_\theta(z_{t-1}|z_t)`. Its site ``z_t`` repeats the guide's :math:`q(z_t|x)`, so that site's
+  terms cancel exactly (its KL is 0): this pair is an unbiased training objective, not a generative
+  model. With ``time_samples = T - 1`` (:meth:`exact`) it sums every step, in order (no ``t_uniform``).
 
 The reverse means come from one time-conditioned MLP :math:`f_\theta(z_t, t)` shared across t
 (:class:`Denoiser`), in one of two parameterizations:
@@ -121,9 +124,10 @@ class Schedule(nn.Module):
 
     @staticmethod
     def at(values: torch.Tensor, t) -> torch.Tensor:
-        """values[t - 1]: a number for an int t; for the time plate's t (k,), shape (k, 1, 1, 1), to broadcast
-        against (k, L or 1, M, D) tensors (time plate at dim -3, particles at -2, data at -1, then the event)."""
-        return values[t - 1].reshape(-1, 1, 1, 1) if torch.is_tensor(t) else values[t - 1]
+        """values[t - 1]: a number for an int t; for the time plate's t (k, L or 1, M), or (T - 1, 1, 1) for
+        every step, shape t.shape + (1,), to broadcast against (k, L or 1, M, D) tensors (time plate at dim -3,
+        particles at -2, data at -1, then the event)."""
+        return values[t - 1].unsqueeze(-1) if torch.is_tensor(t) else values[t - 1]
 
     def marginal(self, t, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         r"""(loc, scale) of :math:`q(z_t|x) = \mathcal N(\sqrt{\bar\alpha_t}\tilde x, (1-\bar\alpha_t) I)`."""
@@ -244,8 +248,7 @@ class TimeSampledModel(_Pair):
                 pyro.sample("z_T", _normal(torch.zeros_like(x0), torch.ones_like(x0)))
                 z1 = pyro.sample("z_1", _normal(*d.schedule.marginal(1, x0)))  # cancels with the guide's
             pyro.sample("x", self.decoder(z1), obs=x)
-            with d.time_plate() as j, poutine.scale(scale=beta):
-                t = j + 2  # the sampled steps t in 2..T, shape (k,)
+            with d.time_steps(x0) as t, poutine.scale(scale=beta):  # t in 2..T: (k, L or 1, M)
                 z_t = pyro.sample("z_t", _normal(*d.schedule.marginal(t, x0)))  # cancels with the guide's
                 mean = self.reverse.mean(z_t, t)  # (k, L or 1, M, D)
                 pyro.sample("z_prev", _normal(mean, d.schedule.std(t, mean)))
@@ -261,8 +264,7 @@ class TimeSampledGuide(_Pair):
             with poutine.scale(scale=beta):
                 pyro.sample("z_T", _normal(*d.schedule.marginal(T, x0)))
                 pyro.sample("z_1", _normal(*d.schedule.marginal(1, x0)))
-            with d.time_plate() as j, poutine.scale(scale=beta):
-                t = j + 2
+            with d.time_steps(x0) as t, poutine.scale(scale=beta):
                 z_t = pyro.sample("z_t", _normal(*d.schedule.marginal(t, x0)))
                 pyro.sample("z_prev", _normal(*d.schedule.posterior(t, z_t, x0)))
 
@@ -305,18 +307,13 @@ class Diffusion(nn.Module):
     :param schedule: the forward process (:class:`Schedule`).
     :param reverse: a module with ``mean(z_t, t)``, the reverse steps' means (:class:`Denoiser`).
     :param decoder: :math:`p(x|z_1)` (a module returning a distribution, with ``mean(z)`` for images).
-    :param time_samples: k, steps sampled per minibatch in training (at most T - 1: all of them).
+    :param time_samples: k, steps sampled per datapoint in training (at most T - 1: all of them).
     :param to_latent: the data's scaling into the chain (default :math:`2x - 1`).
     """
 
     max_plate_nesting = -TIME_DIM
-    #: rows per pass of the time-sampled bound that training reports: a pass's rows share its sampled steps,
-    #: so its standard error is taken over passes (:func:`~pyro_aevb.evaluation.bounds.clustered_bound`)
-    shared_draw_rows = 100
     #: the importance-sampling passes run eagerly: a graph of T sequential steps is too big to compile
     likelihood_compile = False
-    #: training's fast paths (a traced ELBO) are not used: the time plate draws its steps anew at each call
-    traceable = False
 
     def __init__(self, schedule: Schedule, reverse: nn.Module, decoder: nn.Module, data_dim: int,
                  time_samples: int = 4, to_latent=None, name: str | None = None):
@@ -342,12 +339,22 @@ class Diffusion(nn.Module):
         new._name_pairs(None)
         return new
 
-    def time_plate(self) -> pyro.plate:
-        """k of the T - 1 reverse steps, at dim -3; its scale (T - 1)/k makes their terms unbiased."""
-        T, device = self.schedule.steps, self.schedule.beta.device
-        if self.time_samples >= T - 1:  # every step, in order: t = 2..T along dim -3
-            return pyro.plate("time", T - 1, subsample=torch.arange(T - 1, device=device), dim=TIME_DIM)
-        return pyro.plate("time", T - 1, subsample_size=self.time_samples, dim=TIME_DIM, device=device)
+    @contextlib.contextmanager
+    def time_steps(self, like: torch.Tensor):
+        """The steps t in 2..T a pass sums, inside the time plate (dim -3): k per datapoint, drawn through the
+        site ``t_uniform`` and scaled by (T - 1)/k, shape (k, L or 1, M); or, under :meth:`exact`, every
+        step in order, shape (T - 1, 1, 1). ``like``: a tensor of the run's dtype and device."""
+        T, k = self.schedule.steps, self.time_samples
+        if k >= T - 1:
+            with pyro.plate("time", T - 1, subsample=torch.arange(T - 1, device=like.device), dim=TIME_DIM):
+                yield torch.arange(2, T + 1, device=like.device).reshape(-1, 1, 1)
+            return
+        # k slots of the T - 1 steps: the plate's full size over its size scales the terms by (T - 1)/k, for
+        # Pyro's ELBOs and the per-datapoint evaluations alike; each datapoint fills the slots with its own steps
+        with pyro.plate("time", T - 1, subsample=torch.arange(k, device=like.device), dim=TIME_DIM):
+            # the plates broadcast u to (k, L or 1, M): each datapoint (and particle) its own k steps
+            u = pyro.sample("t_uniform", dist.Uniform(like.new_zeros(()), like.new_ones(())))
+            yield (u.detach() * (T - 1)).long().clamp(max=T - 2) + 2
 
     @contextlib.contextmanager
     def exact(self):

@@ -215,7 +215,6 @@ class VAE(nn.Module):
     evaluation_rows: int = 1000
     likelihood_chunk: int | None = None
     likelihood_compile: bool | str = "auto"  # ``compile`` of the importance-sampling passes
-    shared_draw_rows: int | None = None  # rows of a pass that share random draws (none: each row its own)
 
     def evaluation_pair(self):
         """``(model, guide)`` of the reported bound: :meth:`local_pair` (a diffusion's sums every step)."""

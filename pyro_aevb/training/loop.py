@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from ..config import Recipe, recipe_diff
 from ..data import Dataset
 from ..errors import CheckpointError, ConfigError, Interrupted, TrainingError
-from ..evaluation.bounds import Bound, average_bound, bound_values, clustered_bound
+from ..evaluation.bounds import Bound, average_bound, bound_values
 from ..generative.vae import VAE
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .distributed import all_sum, gather_rng, pack_rng, seed_rank_streams, shard, unpack_rng, world
@@ -216,13 +216,8 @@ def evaluate(run: Run) -> dict:
     model, guide = vae.local_pair()
     splits = {"train": data.train_eval, "test": data.test, **({"valid": data.valid} if data.valid is not None else {})}
     row, w = {}, run.world
-    shared = getattr(vae, "shared_draw_rows", None)  # rows of a pass share draws: the SE is over passes
     for split, x in splits.items():
-        if shared:
-            values = bound_values(model, guide, x[shard(x.shape[0], w)] if w.distributed else x, particles,
-                                  analytic, shared)
-            bound = clustered_bound(values, shared, all_sum)
-        elif w.distributed:  # each rank its own rows; the sums are added up over the ranks
+        if w.distributed:  # each rank its own rows; the sums are added up over the ranks
             values = bound_values(model, guide, x[shard(x.shape[0], w)], particles, analytic).to(torch.float64)
             sums = all_sum(torch.stack([values.sum(), (values**2).sum(), values.new_tensor(values.numel())]))
             bound = Bound.from_sums(*sums.tolist())

@@ -118,8 +118,6 @@ def compile_loss(name: str, vae, estimator, example_x: torch.Tensor, num_data: i
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if name not in JIT_ESTIMATORS:
         return None, f"estimator '{name}' is not a plain reparameterized ELBO"
-    if not getattr(vae, "traceable", True):
-        return None, f"{type(vae).__name__} draws its structure anew at each call (not a static graph)"
     module = SurrogateLossModule(vae, estimator, num_data)
     beta = torch.tensor(1.0, device=example_x.device)
     # tracing draws noise: leave the run's random stream as it was
