@@ -26,7 +26,7 @@ from .data import DATASETS
 from .errors import ConfigError
 from .generative.priors import resolve_prior_factory
 from .generative.registry import DIFFUSION_ESTIMATORS, MODELS
-from .generative.vae import ACTIVATIONS
+from .generative.vae import ACTIVATIONS, DECODER_VARIANCES
 from .infer.registry import ESTIMATORS
 
 #: Where the recipes shipped with the project live: the package ``pyro_aevb.recipes``, which is the
@@ -65,6 +65,7 @@ class Recipe:
     hidden_dims: list = field(default_factory=list)  # several hidden layers, e.g. [300, 300]; [] means [hidden_dim]
     activation: str = "tanh"  # the hidden layers' nonlinearity: a name in pyro_aevb.generative.vae.ACTIVATIONS
     likelihood: str = "bernoulli"  # "bernoulli" (binary data) or "gaussian" (real-valued, Frey Face)
+    decoder_variance: str = "pixel"  # the Gaussian decoder's: "network" (the paper's, per datapoint) or "pixel"
     prior: str = "standard-normal"  # p(z): a name in pyro_aevb.generative.priors.PRIORS, "module:factory" or "file.py:factory"
     prior_options: dict = field(default_factory=dict)  # the prior's own keys, as a [prior_options] table
     init: str = "pytorch"  # "pytorch": nn.Linear's default (trains faster here); "normal": N(0, init_scale^2), the paper's
@@ -140,6 +141,7 @@ _CHOICES = {
     "fast_path": ("auto", "compile", "jit", "off"),
     "device": ("cpu", "cuda"),
     "activation": tuple(ACTIVATIONS),
+    "decoder_variance": tuple(DECODER_VARIANCES),
     "model": tuple(MODELS),
 }
 
@@ -245,6 +247,9 @@ def _check_registered(values: dict[str, Any]) -> None:
                                            or values["num_particles"] != 1):
         raise ConfigError(f"model 'diffusion' trains with estimator {' or '.join(DIFFUSION_ESTIMATORS)} and "
                           f"num_particles = 1, got '{values['estimator']}' with {values['num_particles']}")
+    if values["decoder_variance"] != "pixel" and (values["likelihood"] != "gaussian" or values["model"] != "vae"):
+        raise ConfigError(f"decoder_variance = '{values['decoder_variance']}' is a Gaussian VAE decoder's; set "
+                          f"likelihood = \"gaussian\" (model = \"vae\") or remove the key")
 
 
 def factory_options(factory) -> dict[str, Any]:

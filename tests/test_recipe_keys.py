@@ -62,6 +62,30 @@ def test_hidden_dims_give_the_layers_and_the_decoder_mirrors_them():
             load_recipe(None, {"hidden_dims": bad})
 
 
+def test_decoder_variance_network_is_the_papers_per_datapoint_variance():
+    """decoder_variance = "network": log sigma^2 = W5 h + b5 from the decoder's hidden layer h = tanh(W3 z + b3)
+    (Appendix C.2), written out here and scored by scipy; "pixel" (the default) keeps one per pixel."""
+    import scipy.stats
+
+    torch.manual_seed(0)
+    recipe = load_recipe(None, {"likelihood": "gaussian", "decoder_variance": "network", "latent_dim": 3,
+                                "hidden_dim": 8})
+    decoder = pyro_aevb.build_vae(recipe, 5).decoder.double()
+    z, x = torch.randn(4, 3, dtype=torch.float64), torch.rand(4, 5, dtype=torch.float64)
+    w3, w4, w5 = decoder.loc[0], decoder.loc[2], decoder.log_var
+    h = torch.tanh(z @ w3.weight.T + w3.bias)
+    mean, sd = torch.sigmoid(h @ w4.weight.T + w4.bias), torch.exp(0.5 * (h @ w5.weight.T + w5.bias))
+    expected = scipy.stats.norm.logpdf(x.numpy(), loc=mean.detach().numpy(), scale=sd.detach().numpy()).sum(-1)
+    torch.testing.assert_close(decoder(z).log_prob(x).detach(), torch.as_tensor(expected), rtol=1e-12, atol=1e-12)
+    assert decoder(z).base_dist.scale.std(0).min() > 0  # each datapoint its own variances
+    pixel = pyro_aevb.build_vae(load_recipe(None, {"likelihood": "gaussian", "latent_dim": 3}), 5).decoder
+    assert isinstance(pixel.log_var, nn.Parameter) and pixel.log_var.shape == (5,)
+    with pytest.raises(ConfigError, match="decoder_variance.*likelihood = \"gaussian\""):
+        load_recipe(None, {"decoder_variance": "network"})  # a Bernoulli decoder has no variance
+    with pytest.raises(ConfigError, match="decoder_variance.*choose one of: pixel, network"):
+        load_recipe(None, {"likelihood": "gaussian", "decoder_variance": "z"})
+
+
 def test_the_step_schedule_gives_the_lr_of_each_step():
     recipe = load_recipe(None, SMALL | {"lr": 0.1, "lr_milestones": [250, 600], "lr_gamma": 0.5, "batch_size": 100})
     assert [lr_at(recipe, k) for k in range(1, 9)] == [0.1, 0.1, 0.1, 0.05, 0.05, 0.05, 0.025, 0.025]

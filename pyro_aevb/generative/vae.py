@@ -37,11 +37,12 @@ import pyro.distributions as dist
 from pyro import poutine
 from pyro.nn import PyroModule
 
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from .priors import check_prior, make_prior
 
 
 #: recipe key ``activation`` -> the hidden layers' nonlinearity (the paper's is tanh)
+DECODER_VARIANCES = ("pixel", "network")  # the Gaussian decoder's variance: see GaussianDecoder
 ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "softplus": nn.Softplus, "elu": nn.ELU, "gelu": nn.GELU,
                "leaky-relu": nn.LeakyReLU, "sigmoid": nn.Sigmoid}
 
@@ -92,18 +93,30 @@ class BernoulliDecoder(nn.Module):
 
 
 class GaussianDecoder(nn.Module):
-    r""":math:`p_\theta(x|z) = \mathcal{N}(x; \mathrm{sigmoid}(f_\theta(z)), \operatorname{diag}\exp(s))`.
+    r""":math:`p_\theta(x|z) = \mathcal{N}(x; \mathrm{sigmoid}(f_\theta(z)), \operatorname{diag}\sigma^2_\theta(z))`.
 
-    The mean is squashed into [0, 1] by a sigmoid, like the paper's Frey Face
-    decoder; ``s`` is a learned per-pixel log-variance, shared across z.
+    The mean is squashed into [0, 1] by a sigmoid, like the paper's Frey Face decoder. ``variance``:
+
+    * ``"network"``: the paper's (Appendix C.2), :math:`\log\sigma^2 = W h + b` from the decoder's last hidden
+      layer h, so each datapoint its own variances;
+    * ``"pixel"`` (default): a learned per-pixel :math:`\log\sigma^2 = s`, shared across z.
     """
 
-    def __init__(self, latent_dim: int, hidden: int | Sequence[int], data_dim: int, activation: str = "tanh"):
+    def __init__(self, latent_dim: int, hidden: int | Sequence[int], data_dim: int, activation: str = "tanh",
+                 variance: str = "pixel"):
         super().__init__()
+        if variance not in DECODER_VARIANCES:
+            raise ConfigError(f"decoder_variance = {variance!r} is not valid; choose one of: "
+                              f"{', '.join(DECODER_VARIANCES)}")
         self.loc = mlp(latent_dim, hidden, data_dim, activation)
-        self.log_var = nn.Parameter(torch.zeros(data_dim))
+        last = hidden if isinstance(hidden, int) else hidden[-1]
+        # "network": a second head on loc's hidden layers, as the encoder's log-variance (Appendix C.2)
+        self.log_var = nn.Linear(last, data_dim) if variance == "network" else nn.Parameter(torch.zeros(data_dim))
 
     def forward(self, z: torch.Tensor) -> dist.TorchDistribution:
+        if isinstance(self.log_var, nn.Linear):
+            h = self.loc[:-1](z)  # (..., M, H): the hidden layers
+            return dist.Normal(torch.sigmoid(self.loc[-1](h)), torch.exp(0.5 * self.log_var(h))).to_event(1)
         return dist.Normal(self.mean(z), torch.exp(0.5 * self.log_var)).to_event(1)
 
     def mean(self, z: torch.Tensor) -> torch.Tensor:
@@ -258,7 +271,8 @@ def build_vae(recipe, data_dim: int) -> VAE:
     prior = make_prior(recipe.prior, recipe.latent_dim, **recipe.prior_options)
     hidden = list(recipe.hidden_dims) or [recipe.hidden_dim]  # the encoder's widths; the decoder mirrors them
     encoder = Encoder(data_dim, hidden, recipe.latent_dim, recipe.activation)
-    decoder = DECODERS[recipe.likelihood](recipe.latent_dim, hidden[::-1], data_dim, recipe.activation)
+    variance = {"variance": recipe.decoder_variance} if recipe.likelihood == "gaussian" else {}
+    decoder = DECODERS[recipe.likelihood](recipe.latent_dim, hidden[::-1], data_dim, recipe.activation, **variance)
     if recipe.init == "normal":
         init_normal_(encoder, recipe.init_scale)
         init_normal_(decoder, recipe.init_scale)
