@@ -127,11 +127,25 @@ def test_mnist_5k():
                        torch.from_numpy((X[idx3[399]] / 255).astype(np.float32)))
 
 
+def test_frey_faces_shuffled_is_a_random_split_of_the_same_frames(shared_dir):
+    """The same 1,965 frames, the same sizes, every frame once, test frames from all over the video (the
+    temporal split's test frames are the last 196), and the same split on every load (seed 0)."""
+    temporal, shuffled = load_dataset("frey-faces", shared_dir), load_dataset("frey-faces-shuffled", shared_dir)
+    assert shuffled.train.shape == temporal.train.shape and shuffled.test.shape == temporal.test.shape
+    everything = torch.cat([temporal.train, temporal.test])
+    index = {tuple(row.tolist()): i for i, row in enumerate((everything * 255).round().to(torch.uint8))}
+    frames = [index[tuple(row.tolist())] for row in (torch.cat([shuffled.train, shuffled.test]) * 255).round().to(torch.uint8)]
+    assert len(index) == 1965 and sorted(frames) == list(range(1965))  # no frame repeats exactly: a permutation
+    test_frames = torch.tensor(frames[-196:])
+    assert (test_frames < 1769).sum() > 150  # mostly from the temporal split's training stretch
+    assert torch.equal(load_dataset("frey-faces-shuffled", shared_dir).test, shuffled.test)
+
+
 def test_unknown_dataset():
     with pytest.raises(DataError) as e:
         load_dataset("cifar")
     assert str(e.value) == ("unknown dataset 'cifar'; valid datasets: "
-                            "binarized-mnist, frey-faces, mnist, mnist-5k")
+                            "binarized-mnist, frey-faces, frey-faces-shuffled, mnist, mnist-5k")
     assert data.DEFAULT_DATASET in data.DATASETS
 
 
