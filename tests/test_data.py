@@ -134,7 +134,8 @@ def test_frey_faces_shuffled_is_a_random_split_of_the_same_frames(shared_dir):
     assert shuffled.train.shape == temporal.train.shape and shuffled.test.shape == temporal.test.shape
     everything = torch.cat([temporal.train, temporal.test])
     index = {tuple(row.tolist()): i for i, row in enumerate((everything * 255).round().to(torch.uint8))}
-    frames = [index[tuple(row.tolist())] for row in (torch.cat([shuffled.train, shuffled.test]) * 255).round().to(torch.uint8)]
+    rows = (torch.cat([shuffled.train, shuffled.test]) * 255).round().to(torch.uint8)
+    frames = [index[tuple(row.tolist())] for row in rows]
     assert len(index) == 1965 and sorted(frames) == list(range(1965))  # no frame repeats exactly: a permutation
     test_frames = torch.tensor(frames[-196:])
     assert (test_frames < 1769).sum() > 150  # mostly from the temporal split's training stretch

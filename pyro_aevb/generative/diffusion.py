@@ -32,8 +32,8 @@ the sum :math:`L_0 + \sum_t L_{t-1} + L_T` of Ho et al. Two Pyro model/guide pai
 * the **time-sampled** pair (:attr:`Diffusion.model`, :attr:`Diffusion.guide`), for training: each
   datapoint draws its own k steps :math:`t_j = 2 + \lfloor (T-1) u_j \rfloor` from a site
   ``t_uniform`` :math:`u \sim \mathcal U(0, 1)` of shape (k, L or 1, M) inside a time plate of k slots of
-  the T - 1 steps, so scaled by :math:`(T-1)/k`, the same idea as the data plate's N/M: :math:`\mathbb E\,[(T-1)/k \sum_j
-  L_{t_j - 1}] = \sum_t L_{t-1}`, unbiased. ``t_uniform`` has the same distribution in model and guide,
+  the T - 1 steps, so scaled by :math:`(T-1)/k`, the same idea as the data plate's N/M:
+  :math:`\mathbb E\,[(T-1)/k \sum_j L_{t_j - 1}] = \sum_t L_{t-1}`, unbiased. ``t_uniform`` has the same distribution in model and guide,
   so its terms are exactly 0 under both estimators (its KL is registered), and, a sample site, the
   model replays the guide's steps as it replays every latent. For each step the guide draws
   :math:`z_t \sim q(z_t|x)` (closed form) and :math:`z_{t-1} \sim q(z_{t-1}|z_t,x)`; the model scores
@@ -50,7 +50,9 @@ The reverse means come from one time-conditioned MLP :math:`f_\theta(z_t, t)` sh
   term is each pixel's own posterior mean :math:`\mathbb E[\tilde x_d \mid z_{t,d}]` for :math:`\tilde x_d = \pm 1`
   equally likely, so the network learns a correction (the other pixels' evidence), and the steps near
   t = 1, whose KLs dominate the bound (the forward posterior's variance there is about :math:`10^{-4}`),
-  are right from the start. Then :math:`-L_{t-1} = \bar\alpha_{t-1}\beta_t^2/(1-\bar\alpha_t)^2\,
+  are right from the start. For grey images (the Gaussian decoder) the skip is the posterior mean for
+  :math:`\tilde x_d \sim \mathcal N(0, 1/3)` instead, :math:`\sqrt{\bar\alpha_t}\,z_t/(3 - 2\bar\alpha_t)`,
+  and :math:`\hat x_\theta` that plus :math:`f_\theta` (a binary skip would push grey pixels to ±1). Then :math:`-L_{t-1} = \bar\alpha_{t-1}\beta_t^2/(1-\bar\alpha_t)^2\,
   \|\tilde x - \hat x_\theta\|^2 / (2\tilde\beta_t)`.
 * ``"epsilon"``: Ho et al.'s :math:`\mu_\theta(z_t, t) = (z_t - \beta_t\,\epsilon_\theta(z_t, t)/\sqrt{1-\bar\alpha_t})
   /\sqrt{1-\beta_t}` with :math:`\epsilon_\theta = f_\theta`. Trained on the bound itself (not Ho et al.'s
@@ -151,8 +153,9 @@ class Denoiser(nn.Module):
     comes from it by ``parameterization`` ``"x"`` or ``"epsilon"`` (see the module)."""
 
     def __init__(self, data_dim: int, schedule: Schedule, width: int = 512, depth: int = 2, embed: int = 64,
-                 parameterization: str = "x"):
+                 parameterization: str = "x", binary: bool = True):
         super().__init__()
+        self.binary = binary  # the "x" skip: each pixel's posterior mean for x~ = +-1, or for grey x~ (see mean)
         if parameterization not in PARAMETERIZATIONS:
             raise ConfigError(f"model_options.parameterization = {parameterization!r} is not valid; choose one "
                               f"of: {', '.join(PARAMETERIZATIONS)}")
@@ -181,7 +184,11 @@ class Denoiser(nn.Module):
         beta, ab = s.at(s.beta, t), s.at(s.alpha_bar, t)
         if self.parameterization == "epsilon":
             return (z_t - beta / (1 - ab).sqrt() * f) / (1 - beta).sqrt()
-        x_hat = torch.tanh(ab.sqrt() / (1 - ab) * z_t + f)
+        if self.binary:  # E[x~ | z_t] for x~ = +-1 equally likely, corrected in logit space
+            x_hat = torch.tanh(ab.sqrt() / (1 - ab) * z_t + f)
+        else:  # grey images: E[x~ | z_t] for x~ ~ N(0, 1/3) (the variance of U(-1, 1)), corrected additively
+            v = 1 / 3
+            x_hat = ab.sqrt() * v / (ab * v + 1 - ab) * z_t + f
         return s.posterior(t, z_t, x_hat)[0]
 
 
@@ -460,5 +467,5 @@ def build_diffusion(recipe, data_dim: int) -> Diffusion:
     schedule = Schedule(beta_schedule(options["schedule"], options["steps"]))
     decoder = PixelBernoulli(data_dim) if recipe.likelihood == "bernoulli" else PixelGaussian(data_dim)
     denoiser = Denoiser(data_dim, schedule, options["width"], options["depth"],
-                        parameterization=options["parameterization"])
+                        parameterization=options["parameterization"], binary=recipe.likelihood == "bernoulli")
     return Diffusion(schedule, denoiser, decoder, data_dim, options["time_samples"])
