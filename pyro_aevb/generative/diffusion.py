@@ -33,9 +33,10 @@ the sum :math:`L_0 + \sum_t L_{t-1} + L_T` of Ho et al. Two Pyro model/guide pai
   datapoint draws its own k steps :math:`t_j = 2 + \lfloor (T-1) u_j \rfloor` from a site
   ``t_uniform`` :math:`u \sim \mathcal U(0, 1)` of shape (k, L or 1, M) inside a time plate of k slots of
   the T - 1 steps, so scaled by :math:`(T-1)/k`, the same idea as the data plate's N/M:
-  :math:`\mathbb E\,[(T-1)/k \sum_j L_{t_j - 1}] = \sum_t L_{t-1}`, unbiased. ``t_uniform`` has the same distribution in model and guide,
-  so its terms are exactly 0 under both estimators (its KL is registered), and, a sample site, the
-  model replays the guide's steps as it replays every latent. For each step the guide draws
+  :math:`\mathbb E\,[(T-1)/k \sum_j L_{t_j - 1}] = \sum_t L_{t-1}`, unbiased. ``t_uniform`` has the same
+  distribution in model and guide, so its terms are exactly 0 under both estimators (its KL is
+  registered), and, a sample site, the model replays the guide's steps as it replays every
+  latent. For each step the guide draws
   :math:`z_t \sim q(z_t|x)` (closed form) and :math:`z_{t-1} \sim q(z_{t-1}|z_t,x)`; the model scores
   :math:`p_\theta(z_{t-1}|z_t)`. Its site ``z_t`` repeats the guide's :math:`q(z_t|x)`, so that site's
   terms cancel exactly (its KL is 0): this pair is an unbiased training objective, not a generative
@@ -52,7 +53,8 @@ The reverse means come from one time-conditioned MLP :math:`f_\theta(z_t, t)` sh
   t = 1, whose KLs dominate the bound (the forward posterior's variance there is about :math:`10^{-4}`),
   are right from the start. For grey images (the Gaussian decoder) the skip is the posterior mean for
   :math:`\tilde x_d \sim \mathcal N(0, 1/3)` instead, :math:`\sqrt{\bar\alpha_t}\,z_t/(3 - 2\bar\alpha_t)`,
-  and :math:`\hat x_\theta` that plus :math:`f_\theta` (a binary skip would push grey pixels to ±1). Then :math:`-L_{t-1} = \bar\alpha_{t-1}\beta_t^2/(1-\bar\alpha_t)^2\,
+  and :math:`\hat x_\theta` that plus :math:`f_\theta` (a binary skip would push grey pixels to ±1).
+  Then :math:`-L_{t-1} = \bar\alpha_{t-1}\beta_t^2/(1-\bar\alpha_t)^2\,
   \|\tilde x - \hat x_\theta\|^2 / (2\tilde\beta_t)`.
 * ``"epsilon"``: Ho et al.'s :math:`\mu_\theta(z_t, t) = (z_t - \beta_t\,\epsilon_\theta(z_t, t)/\sqrt{1-\bar\alpha_t})
   /\sqrt{1-\beta_t}` with :math:`\epsilon_\theta = f_\theta`. Trained on the bound itself (not Ho et al.'s
