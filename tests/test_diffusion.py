@@ -272,7 +272,7 @@ def test_the_recipe_trains_evaluates_and_samples(tmp_path, shared_data):
     env = {**os.environ, "PYRO_AEVB_DATA": str(shared_data), "MPLBACKEND": "Agg"}
     run = tmp_path / "run"
     out = _cli("train", "diffusion_mnist", "--out", str(run), "--no-progress", "--set", "max_samples=300",
-               "--set", "eval_every=300", "--set", "checkpoint_every=300", env=env)
+               "--set", "eval_every=300", "--set", "checkpoint_every=300", "--set", "eval_train_size=100", env=env)
     assert out.returncode == 0, out.stderr
     info = json.loads((run / "run.json").read_text())
     assert info["kl"] == "analytic" and info["fast_path"] == "jit"  # a short CPU run: the traced ELBO
