@@ -22,7 +22,7 @@ Data sets (``DATASETS``; pick one by name with :func:`load_dataset`):
     The same frames split at random (a permutation with seed 0), with the same sizes: each test frame
     has its neighbours in the training set, so the test bound says little more than the training fit
     does. The paper does not say how it split; this is the split under which its Figure 2 panels'
-    train and test curves stay close (RESULTS.md measures both).
+    train and test curves stay close (RESULTS.md measures both), so the Figure 2 Frey recipes use it.
 ``mnist``
     The full grey-scale MNIST (60,000 / 10,000, labels) through ``torchvision``.
 
