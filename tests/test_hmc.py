@@ -44,6 +44,21 @@ def test_hmc_log_likelihood_matches_closed_form_on_a_2d_latent():
     assert (estimate - exact).abs().max() < 0.1
 
 
+def test_datapoints_sharing_one_chain_match_the_closed_form():
+    """points_per_chain = 3: one NUTS chain on the product of three posteriors; each datapoint's estimate
+    must still match its exact log p(x), as the per-datapoint chains do."""
+    lg = LinearGaussian(W=W_CORRELATED)
+    x = lg.sample(3, torch.Generator().manual_seed(0))
+    pyro.set_rng_seed(0)
+    estimate = hmc_log_likelihood(lg.model, x, num_samples=L, warmup_steps=WARMUP, points_per_chain=3)
+    exact = lg.log_marginal(x).detach()
+    print(f"\nAppendix D, 3 points per chain: errors {(estimate - exact).tolist()}")
+    assert estimate.shape == (3,)
+    assert (estimate - exact).abs().max() < 0.1
+    with pytest.raises(ValueError, match="points_per_chain"):
+        hmc_log_likelihood(lg.model, x, num_samples=5, points_per_chain=0)
+
+
 def test_warns_for_five_or_more_latent_dimensions():
     lg = LinearGaussian(W=torch.eye(6, 5, dtype=torch.float64), b=torch.zeros(6, dtype=torch.float64))
     x = lg.sample(1, torch.Generator().manual_seed(0))

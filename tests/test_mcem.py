@@ -157,6 +157,7 @@ def test_figure3_end_to_end(tmp_path, capsys, shared_data):
     figure = json.loads((out / "figure3.json").read_text())
     assert list(figure["estimators"]) == ["sgvb-b", "mcem"]
     assert figure["n_train"] == 1000 and figure["eval_points"] == {"train": 3, "test": 3}
+    assert figure["hmc"]["points_per_chain"] == figure3_module.DEFAULT_POINTS_PER_CHAIN  # the 3 points in one chain
     for r in figure["estimators"].values():
         assert r["samples"] == [100, 200]
         for key in ("train_log_likelihood", "test_log_likelihood"):

@@ -34,9 +34,9 @@ log-estimate is biased *upwards* for finite L.
     The paper reports that the estimator is good only for low-dimensional
     latent spaces (fewer than about 5 dimensions) with enough samples. For
     a latent of 5 or more dimensions :func:`hmc_log_likelihood` issues a
-    ``UserWarning`` (it still returns the estimate). Each datapoint is a
-    separate chain, so this is slow: use it on a handful of datapoints, to
-    check :func:`pyro_aevb.evaluation.marginal_likelihood.log_likelihood`.
+    ``UserWarning`` (it still returns the estimate). One chain per datapoint
+    is slow (seconds a datapoint on a CPU); ``points_per_chain`` runs G
+    datapoints in one chain on the product of their independent posteriors.
 
 Log-densities :math:`\log p_\theta(x, z)` come from Pyro traces of the model
 conditioned on z (unscaled site log-densities), so custom priors and decoders
@@ -78,8 +78,17 @@ def _as_row(x: torch.Tensor) -> torch.Tensor:
 
 def run_chain(model, x, num_samples, warmup_steps=None, kernel="nuts", kernel_options=None, progress=False,
               **kwargs):
-    """One HMC/NUTS chain on p(z|x): samples (L, Nz) and a (L,) bool mask of divergent transitions."""
-    x = _as_row(x)
+    """One HMC/NUTS chain on p(z|x) for the G rows of x (G, D) jointly: samples (L, G, Nz) and a (L,) bool
+    mask of divergent transitions.
+
+    The rows' posteriors are independent, so the chain's target is their product: each row's draws are
+    draws from its own posterior (with one step size and one trajectory for all G, and a diagonal mass
+    matrix adapted per coordinate). G = 1 is one chain per datapoint.
+    """
+    if x.dim() == 1:
+        x = x.unsqueeze(0)
+    if x.dim() != 2:
+        raise ValueError(f"expected datapoints of shape (G, D), got {tuple(x.shape)}")
     name, dim = latent_site(model, x, **kwargs)
     if kernel not in KERNELS:
         raise ValueError(f"unknown kernel '{kernel}'; valid kernels: {', '.join(KERNELS)}")
@@ -87,7 +96,7 @@ def run_chain(model, x, num_samples, warmup_steps=None, kernel="nuts", kernel_op
     warmup_steps = num_samples if warmup_steps is None else warmup_steps
     mcmc = MCMC(kern, num_samples=num_samples, warmup_steps=warmup_steps, disable_progbar=not progress)
     mcmc.run(x, **kwargs)
-    z = mcmc.get_samples()[name].reshape(num_samples, dim)  # (L, 1, Nz) -> (L, Nz)
+    z = mcmc.get_samples()[name].reshape(num_samples, x.shape[0], dim)  # (L, G, Nz)
     diverging = torch.zeros(num_samples, dtype=torch.bool)
     diverging[list(mcmc.diagnostics().get("divergences", {}).get("chain 0", []))] = True
     return z.detach(), diverging
@@ -112,8 +121,8 @@ def hmc_posterior_samples(
     :math:`-\log p_\theta(z) - \log p_\theta(x|z)` from the model's trace;
     ``kwargs`` go to the model.
     """
-    z, _ = run_chain(model, x, num_samples, warmup_steps, kernel, kernel_options, progress, **kwargs)
-    return z
+    z, _ = run_chain(model, _as_row(x), num_samples, warmup_steps, kernel, kernel_options, progress, **kwargs)
+    return z[:, 0]  # (L, 1, Nz) -> (L, Nz)
 
 
 @torch.no_grad()
@@ -152,25 +161,30 @@ def hmc_log_likelihood(
     kernel: str = "nuts",
     kernel_options: dict | None = None,
     progress: bool = False,
+    points_per_chain: int = 1,
     **kwargs,
 ) -> torch.Tensor:
     r"""The Appendix D estimate of :math:`\log p_\theta(x_i)` for each row of x (N, D): shape (N,).
 
-    Per datapoint, one chain of ``warmup_steps`` (default L) + 2L draws: the
-    first L fit :math:`q = \mathcal{N}(\bar z, S)`, the next L are the fresh
-    posterior samples of
+    Per datapoint, ``warmup_steps`` (default L) + 2L draws: the first L fit
+    :math:`q = \mathcal{N}(\bar z, S)`, the next L are the fresh posterior samples of
 
     .. math::
 
         \log p_\theta(x_i) \simeq -\Big(\operatorname{logsumexp}_{l=1}^{L}
             \big[\log q(z^{(l)}) - \log p_\theta(x_i, z^{(l)})\big] - \log L\Big).
 
-    Datapoints are looped over (each has its own chain and adaptation). Warns
-    if the latent has 5 or more dimensions (see the module's warning).
-    ``kwargs`` go to the model.
+    ``points_per_chain`` = G: the datapoints go G at a time into one chain on the product of their
+    posteriors (:func:`run_chain`). G = 1 (the default) gives each datapoint its own chain and
+    adaptation; a larger G shares one step size and trajectory among G datapoints, which costs about
+    as much per draw as one datapoint does on a CPU (the model's forward pass is batched), so it is
+    many times faster for the same estimator. Warns if the latent has 5 or more dimensions (see the
+    module's warning). ``kwargs`` go to the model.
     """
     if x.dim() != 2 or x.shape[0] == 0:
         raise ValueError(f"expected x of shape (N, D) with N >= 1, got {tuple(x.shape)}")
+    if points_per_chain < 1:
+        raise ValueError(f"points_per_chain must be >= 1, got {points_per_chain}")
     name, dim = latent_site(model, x[:1], **kwargs)
     if dim > MAX_RELIABLE_LATENT_DIM:
         warnings.warn(
@@ -180,11 +194,12 @@ def hmc_log_likelihood(
         )
     warmup_steps = num_samples if warmup_steps is None else warmup_steps
     estimates = []
-    for i in range(x.shape[0]):
-        row = x[i : i + 1]
-        z, _ = run_chain(model, row, 2 * num_samples, warmup_steps, kernel, kernel_options, progress, **kwargs)
-        q = fit_gaussian(z[:num_samples])  # fitted on the first L draws
-        fresh = z[num_samples:]  # the next L draws, (L, Nz)
-        log_ratio = q.log_prob(fresh) - log_joint_at(model, row, fresh, site=name, **kwargs)  # (L,)
-        estimates.append(-(log_ratio.logsumexp(0) - math.log(num_samples)))
+    for start in range(0, x.shape[0], points_per_chain):
+        rows = x[start : start + points_per_chain]  # (G, D)
+        z, _ = run_chain(model, rows, 2 * num_samples, warmup_steps, kernel, kernel_options, progress, **kwargs)
+        for i in range(rows.shape[0]):
+            q = fit_gaussian(z[:num_samples, i])  # fitted on the first L draws
+            fresh = z[num_samples:, i]  # the next L draws, (L, Nz)
+            log_ratio = q.log_prob(fresh) - log_joint_at(model, rows[i : i + 1], fresh, site=name, **kwargs)  # (L,)
+            estimates.append(-(log_ratio.logsumexp(0) - math.log(num_samples)))
     return torch.stack(estimates)

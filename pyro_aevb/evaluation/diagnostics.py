@@ -160,7 +160,7 @@ def hmc_inference_data(
         for i in range(x.shape[0]):
             zi, di = run_chain(model, x[i : i + 1], num_samples, warmup_steps, kernel, kernel_options, progress,
                                 **kwargs)
-            zc.append(zi)
+            zc.append(zi[:, 0])  # (L, 1, Nz) -> (L, Nz)
             dc.append(di)
         z.append(torch.stack(zc, 1))  # (L, M, Nz)
         diverging.append(torch.stack(dc, 1))  # (L, M)
