@@ -117,3 +117,33 @@ def test_evaluate_amortization_gap_json(tiny_run):
     assert gap["n"] == 5
     assert abs(gap["approximation_gap"] + gap["amortization_gap"]
                - (gap["log_likelihood"] - gap["elbo_amortized"])) < 1e-6
+
+
+def test_max_datapoints_is_a_fixed_random_subset():
+    from pyro_aevb.commands.evaluate import datapoint_subset
+    from pyro_aevb.data import load_dataset
+    from pyro_aevb.errors import ConfigError
+
+    x = torch.arange(1000.0).unsqueeze(1)
+    a = datapoint_subset(x, 100)
+    assert torch.equal(a, datapoint_subset(x, 100))  # the same rows on every call
+    assert a.unique().numel() == 100 and not torch.equal(a, x[:100])
+    assert (a[:, 0] // 100).unique().numel() == 10  # drawn from every tenth of the split
+    assert torch.equal(datapoint_subset(x, 100, "first"), x[:100])
+    assert datapoint_subset(x, None) is x and datapoint_subset(x, 5000).shape == x.shape
+    with pytest.raises(ConfigError, match="positive"):
+        datapoint_subset(x, 0)
+    # Why random is the default: mnist-5k's test split is sorted by class, so its first 100 are all one digit.
+    data = load_dataset("mnist-5k")
+    rows = torch.arange(data.test.shape[0]).unsqueeze(1)
+    assert data.test_labels[:100].unique().numel() == 1
+    assert data.test_labels[datapoint_subset(rows, 100)[:, 0]].unique().numel() == 10
+
+
+def test_evaluate_max_datapoints_json(tiny_run):
+    proc = run_cli("evaluate", str(tiny_run), "--json", "--max-datapoints", "200")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["n"] == 200 and result["subset"] == "random"
+    proc = run_cli("evaluate", str(tiny_run), "--json", "--max-datapoints", "200", "--subset", "first")
+    assert proc.returncode == 0 and json.loads(proc.stdout)["subset"] == "first"
