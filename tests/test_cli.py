@@ -147,3 +147,10 @@ def test_evaluate_max_datapoints_json(tiny_run):
     assert result["n"] == 200 and result["subset"] == "random"
     proc = run_cli("evaluate", str(tiny_run), "--json", "--max-datapoints", "200", "--subset", "first")
     assert proc.returncode == 0 and json.loads(proc.stdout)["subset"] == "first"
+
+
+def test_progress_bar_names_the_estimator(tmp_path):
+    proc = run_cli("train", "--set", "max_samples=200", "--set", "hidden_dim=20", "--set", "estimator=wake-sleep",
+                   "--out", str(tmp_path / "ws"))
+    assert proc.returncode == 0, proc.stderr
+    assert "wake-sleep:" in proc.stderr and "AEVB" not in proc.stderr

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from ..config import Recipe, load_recipe, make_recipe
 from ..errors import ConfigError
+from ..infer.registry import estimator_label
 from ..training.loop import train
 from ..training.checkpoint import load_checkpoint
 from ..training.run_directory import read_metrics
@@ -31,7 +32,6 @@ MNIST_PANELS = ("mnist_nz3", "mnist_nz5", "mnist_nz10", "mnist_nz20", "mnist_nz2
 FREY_PANELS = ("frey_nz2", "frey_nz5", "frey_nz10", "frey_nz20")
 PANELS = MNIST_PANELS + FREY_PANELS
 ESTIMATORS = ("sgvb-b", "wake-sleep")
-LABELS = {"sgvb-b": "AEVB", "wake-sleep": "wake-sleep"}
 
 
 def panel_recipe(panel: str, estimator: str, budget: int, overrides: list[str]) -> Recipe:
@@ -115,7 +115,7 @@ def plot_figure2(figure: dict, path: Path) -> None:
                 ax.set_axis_off()
                 continue
             curves = figure["panels"][row[j]]
-            series = {LABELS.get(e, e): (c["samples"], c["train_elbo"], c["test_elbo"])
+            series = {estimator_label(e): (c["samples"], c["train_elbo"], c["test_elbo"])
                       for e, c in curves.items() if c["samples"]}
             dataset, nz = row[j].split("_nz")
             plot_train_test(series, path, "bound per datapoint" if j == 0 else "",

@@ -34,6 +34,11 @@ ESTIMATORS: dict[str, Callable[..., object]] = {
 }
 
 
+def estimator_label(name: str) -> str:
+    """How figures and progress bars name an estimator: "AEVB" for the two SGVB estimators, else its name."""
+    return {"sgvb-a": "AEVB", "sgvb-b": "AEVB", "iwae": "IWAE", "mcem": "MCEM"}.get(name, name)
+
+
 def make_estimator(name: str, num_particles: int = 1, **options):
     """The estimator registered as ``name``, with L = ``num_particles``."""
     if name not in ESTIMATORS:

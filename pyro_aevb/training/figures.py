@@ -11,12 +11,13 @@ import torch
 @torch.no_grad()
 def write_figures(vae, data, metrics: list[dict], run_dir: Path, recipe) -> None:
     """Write ``bound.png``, ``samples.png``, ``reconstructions.png`` and (Nz = 2) ``manifold.png``."""
+    from ..infer.registry import estimator_label
     from ..plots import manifold_images, plot_bound, save_grid  # matplotlib only when figures are drawn
 
     fig_dir = Path(run_dir) / "figures"
     shape = data.dataset.image_shape
     title = f"{data.dataset.name}, $N_z$={recipe.latent_dim}, {recipe.estimator}"
-    plot_bound({"AEVB": metrics}, fig_dir / "bound.png", title=title)
+    plot_bound({estimator_label(recipe.estimator): metrics}, fig_dir / "bound.png", title=title)
     save_grid(vae.sample(64), shape, fig_dir / "samples.png", title="samples (decoder means)")
     x = data.test[torch.linspace(0, data.test.shape[0] - 1, 32).long()]  # spread out: a split may be sorted by class
     pairs = torch.stack([x, vae.reconstruct(x)], 1).reshape(-1, x.shape[-1])  # original, reconstruction, ...

@@ -38,6 +38,7 @@ from ..data import Dataset
 from ..errors import CheckpointError, ConfigError, Interrupted, TrainingError
 from ..evaluation.bounds import Bound, average_bound, bound_values
 from ..generative.vae import VAE
+from ..infer.registry import estimator_label
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .distributed import all_sum, gather_rng, pack_rng, seed_rank_streams, shard, unpack_rng, world
 from .cpu_allocator import allocator_status
@@ -95,7 +96,8 @@ def train(
 
     if payload is None:
         save(0)  # so that a run killed before its first periodic checkpoint still resumes exactly
-    bar = _Progress(total_steps * M, start_step * M, run.num_data, progress and run.world.main)
+    bar = _Progress(total_steps * M, start_step * M, run.num_data, progress and run.world.main,
+                    estimator_label(run.recipe.estimator))
     step = start_step
     try:
         with StopSignals() as stop, peers_watched(run, files.path):
@@ -184,8 +186,8 @@ class _Clock:
 class _Progress:
     """The tqdm bar over training samples, with the running bound (read back every 50 steps)."""
 
-    def __init__(self, total: int, initial: int, num_data: int, enabled: bool):
-        self.bar = tqdm(total=total, initial=initial, unit="sample", unit_scale=True, disable=not enabled, desc="AEVB")
+    def __init__(self, total: int, initial: int, num_data: int, enabled: bool, label: str = "AEVB"):
+        self.bar = tqdm(total=total, initial=initial, unit="sample", unit_scale=True, disable=not enabled, desc=label)
         self.num_data, self.loss, self.steps = num_data, None, 0
 
     def step(self, loss: torch.Tensor, finite: torch.Tensor, batch_size: int, last: bool) -> None:
