@@ -122,6 +122,56 @@ def test_mixture_of_gaussians_matches_the_mixture_by_hand():
     assert not torch.allclose(log_w, log_w.mean().expand(4))  # the perturbed weights are not uniform
 
 
+def _reference_mixture(logits, loc, scale):
+    return dist.MixtureSameFamily(dist.Categorical(logits=logits), dist.Normal(loc, scale).to_event(1))
+
+
+@pytest.mark.parametrize("value_shape, batch_shape", [((7, 3), ()), ((5, 7, 3), (7,)), ((3,), (4,)), ((2, 1, 3), (6,))])
+def test_diagonal_normal_mixture_is_mixture_same_family(value_shape, batch_shape):
+    from pyro_aevb.generative.mixture import DiagonalNormalMixture
+
+    torch.manual_seed(0)
+    logits, loc, scale = torch.randn(4), torch.randn(4, 3) * 2, torch.rand(4, 3) + 0.1
+    params = [t.clone().requires_grad_() for t in (logits, loc, scale)]
+    fast = DiagonalNormalMixture(*params).expand(batch_shape)
+    ref = _reference_mixture(logits, loc, scale).expand(batch_shape)
+    assert isinstance(fast, DiagonalNormalMixture) and fast.batch_shape == ref.batch_shape
+    assert fast.event_shape == (3,) and fast.sample((2,)).shape == (2, *batch_shape, 3)
+    z = torch.randn(value_shape) * 3
+    lp = fast.log_prob(z)
+    assert lp.shape == ref.log_prob(z).shape and torch.allclose(lp, ref.log_prob(z), atol=1e-5)
+    # the gradients of the parameters (the VampPrior learns through them) are MixtureSameFamily's, too
+    lp.sum().backward()
+    ref_params = [t.clone().requires_grad_() for t in (logits, loc, scale)]
+    _reference_mixture(*ref_params).expand(batch_shape).log_prob(z).sum().backward()
+    for a, b in zip(params, ref_params):
+        assert torch.allclose(a.grad, b.grad, atol=1e-4)
+
+
+def test_diagonal_normal_mixture_keeps_precision_at_narrow_components():
+    # z next to a narrow, far component: the quadratic expansion cancels z^2 and mu^2 against 2 z mu
+    from pyro_aevb.generative.mixture import DiagonalNormalMixture
+
+    loc = torch.full((2, 50), 5.0)
+    loc[1] = -5.0
+    scale = torch.full((2, 50), 0.01)
+    z = (loc[0] + 0.01 * torch.randn(100, 50)).float()
+    exact = _reference_mixture(torch.zeros(2).double(), loc.double(), scale.double()).log_prob(z.double())
+    fast = DiagonalNormalMixture(torch.zeros(2), loc, scale).log_prob(z)
+    assert fast.dtype == torch.float32 and torch.allclose(fast.double(), exact, atol=1e-4, rtol=0)
+
+
+def test_mixture_priors_score_a_plate_of_particles_as_mixture_same_family():
+    # the shape importance sampling sees: (K particles, N datapoints) under Pyro's plate, the prior expanded
+    for name, options in [("vamp", {"components": 6}), ("mog", {"components": 3})]:
+        vae = tiny_vae(name, 3, **options)
+        p = vae.prior()
+        args = (p._params[0], p._params[1], p._params[2])
+        z = torch.randn(20, 8, 3)
+        assert torch.allclose(p.expand((8,)).log_prob(z), _reference_mixture(*args).expand((8,)).log_prob(z),
+                              atol=1e-5)
+
+
 def test_vamp_prior_is_the_encoders_mixture_at_the_pseudo_inputs():
     vae = tiny_vae("vamp", 3, components=5)
     z = torch.randn(50, 3)

@@ -74,6 +74,7 @@ import pyro.distributions.transforms as T
 from pyro.nn import AutoRegressiveNN
 
 from ..errors import ConfigError
+from .mixture import DiagonalNormalMixture
 
 
 class StandardNormalPrior(nn.Module):
@@ -132,8 +133,7 @@ class MixtureOfGaussiansPrior(nn.Module):
         self.log_scales = nn.Parameter(torch.full((components, latent_dim), math.log(init_scale)))
 
     def forward(self) -> dist.TorchDistribution:
-        components = dist.Normal(self.locs, self.log_scales.exp()).to_event(1)  # batch (K,), event (Nz,)
-        return dist.MixtureSameFamily(dist.Categorical(logits=self.logits), components)
+        return DiagonalNormalMixture(self.logits, self.locs, self.log_scales.exp())  # batch (), event (Nz,)
 
 
 class VampPrior(nn.Module):
@@ -193,8 +193,7 @@ class VampPrior(nn.Module):
         if not self._encoder:
             raise ConfigError("the VampPrior has no encoder yet; build it with build_vae or call prior.bind(vae)")
         loc, scale = self._encoder[0](self.pseudo_inputs)  # (K, Nz) each
-        mix = dist.Categorical(logits=loc.new_zeros(self.components))  # equal weights 1/K
-        return dist.MixtureSameFamily(mix, dist.Normal(loc, scale).to_event(1))
+        return DiagonalNormalMixture(loc.new_zeros(self.components), loc, scale)  # equal weights 1/K
 
 
 class FlowPrior(nn.Module):
