@@ -87,3 +87,14 @@ def test_matmul_shapes_count_the_flops_of_an_importance_sampling_pass():
         log_likelihood(vae.model, vae.guide, x, num_samples=40, chunk_size=10_000, progress=False)
     expected = sum(2 * m * k * n for m, k, n in matmul_shapes(vae, rows=6, samples=40))
     assert counter.get_total_flops() == expected
+
+
+def test_mixture_density_benchmark_prints_its_measurement():
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "mixture_density.py"
+    proc = subprocess.run([sys.executable, str(script), "--components", "20", "--dim", "5", "--rows", "400",
+                           "--rounds", "1"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["rows"] == 400 and result["speedup"] > 0 and result["max_abs_difference"] < 1e-4
