@@ -171,7 +171,8 @@ def register(subparsers, help: str = "") -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--amortization-gap", type=int, metavar="N",
-                   help="also the approximation and amortization gaps on N datapoints (a fixed random subset); "
+                   help="also the approximation and amortization gaps on N datapoints (a fixed random subset of the "
+                        "split, or of the --max-datapoints rows); "
                         "log p(x) uses --num-samples (default 1000)")
     p.add_argument("--gap-steps", type=int, default=500, help="Adam steps of each local q (default 500)")
     p.add_argument("--gap-lr", type=float, default=0.02, help="initial Adam step size of each local q (default 0.02)")

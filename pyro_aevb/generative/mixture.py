@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.distributions import constraints
 
 import pyro.distributions as dist
 
@@ -39,6 +40,10 @@ class DiagonalNormalMixture(dist.MixtureSameFamily):
     :param scale: (K, D) component standard deviations.
     :param batch_shape: the batch shape (``expand``'s); the parameters are shared across it.
     """
+
+    #: the mixture's support, as the plain constraint: HMC (the Appendix D estimator) needs a transform for
+    #: it, and ``MixtureSameFamilyConstraint`` has none registered
+    support = constraints.real_vector
 
     def __init__(self, logits: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor, batch_shape=(),
                  validate_args=None):
@@ -53,6 +58,13 @@ class DiagonalNormalMixture(dist.MixtureSameFamily):
                          validate_args=validate_args)
 
     def expand(self, batch_shape, _instance=None):
+        batch_shape = torch.Size(batch_shape)
+        try:  # torch's rule: the current batch shape must broadcast to the new one
+            ok = torch.broadcast_shapes(self.batch_shape, batch_shape) == batch_shape
+        except RuntimeError:
+            ok = False
+        if not ok:
+            raise RuntimeError(f"cannot expand a batch shape {tuple(self.batch_shape)} to {tuple(batch_shape)}")
         return type(self)(*self._params, batch_shape=batch_shape, validate_args=self._validate_args)
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
@@ -63,6 +75,7 @@ class DiagonalNormalMixture(dist.MixtureSameFamily):
         precision = scale.pow(-2)  # (K, D)
         quad = z.pow(2) @ precision.T - 2 * z @ (loc * precision).T + (loc.pow(2) * precision).sum(-1)  # (N, K)
         log_norm = logits.log_softmax(-1) - scale.log().sum(-1) - 0.5 * loc.shape[-1] * math.log(2 * math.pi)
-        lp = torch.logsumexp(log_norm - 0.5 * quad.clamp_min(0), -1).to(value.dtype)  # (N,)
+        dtype = torch.promote_types(value.dtype, self._params[1].dtype)  # MixtureSameFamily's result type
+        lp = torch.logsumexp(log_norm - 0.5 * quad.clamp_min(0), -1).to(dtype)  # (N,)
         lp = lp.reshape(value.shape[:-1])
         return lp.expand(torch.broadcast_shapes(lp.shape, self.batch_shape))
