@@ -188,3 +188,17 @@ def test_library_functions_show_no_progress_bar_unless_asked(capsys):
     assert "log p(x)" not in capsys.readouterr().err
     pyro_aevb.log_likelihood(vae.model, vae.guide, x, num_samples=50, progress=True)
     assert "log p(x)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("prior", ["vamp", "mog"])
+def test_plain_svi_and_predictive_with_the_mixture_priors(prior):
+    # their density is DiagonalNormalMixture's (a MixtureSameFamily subclass): Pyro's own loop must not notice
+    vae = _vae(hidden_dim=50, prior=prior)
+    before = _test_bound(vae)
+    svi = SVI(vae.model, vae.guide, pyro.optim.Adam({"lr": 1e-3}), TraceMeanField_ELBO())
+    N = _data()[0].shape[0]
+    for x in _minibatches(100):
+        svi.step(x, num_data=N)
+    assert _test_bound(vae) - before > 50
+    samples = Predictive(vae.model, guide=vae.guide, num_samples=3, parallel=True)(_data()[1][:M])
+    assert samples["z"].shape == (3, M, 20) and samples["x"].shape == (3, M, 784)

@@ -8,6 +8,7 @@ import json
 import pyro
 import torch
 
+from ..data import fixed_subset
 from ..errors import ConfigError
 from ..evaluation.bounds import Bound, average_bound, bound_values
 from ..evaluation.marginal_likelihood import DEFAULT_CHUNK_SIZE
@@ -75,10 +76,7 @@ def datapoint_subset(x: torch.Tensor, n: int | None, subset: str = "random") -> 
         return x
     if n <= 0:
         raise ConfigError(f"--max-datapoints must be positive, got {n}")
-    if subset == "first" or n >= x.shape[0]:
-        return x[:n]
-    rows = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(SUBSET_SEED))[:n]
-    return x[rows.to(x.device)]
+    return x[:n] if subset == "first" else fixed_subset(x, n, SUBSET_SEED)
 
 
 def _bound(vae, x, particles: int, analytic: bool, w) -> Bound:

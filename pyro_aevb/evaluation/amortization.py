@@ -69,6 +69,7 @@ import pyro.distributions as dist
 import pyro.infer
 from pyro.poutine.messenger import Messenger
 
+from ..data import fixed_subset
 from ..infer.traces import sample_sites, trace_fn
 from .bounds import elbo_per_datapoint, mean_se
 from .marginal_likelihood import DEFAULT_CHUNK_SIZE, log_likelihood
@@ -333,12 +334,10 @@ def amortization_gap_summary(model, guide, x: torch.Tensor, num_points: int | No
     rows. ``kwargs`` go to :func:`amortization_gap`. Returns
     :meth:`AmortizationGap.summary` with ``subset_seed`` added.
     """
-    n = x.shape[0]
     if num_points is not None and num_points < 1:
         raise ValueError(f"num_points must be >= 1, got {num_points}")
-    if num_points is not None and num_points < n:
-        rows = torch.randperm(n, generator=torch.Generator().manual_seed(subset_seed))[:num_points]
-        x = x[rows.to(x.device)]
+    if num_points is not None:
+        x = fixed_subset(x, num_points, subset_seed)
     summary = amortization_gap(model, guide, x, **kwargs).summary()
     summary["subset_seed"] = subset_seed
     return summary

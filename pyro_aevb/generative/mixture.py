@@ -18,7 +18,8 @@ per pass, K = 500 and D = 50, that is 2 GB per intermediate: 17 s per test
 digit at K = 5000 on one thread, and 10 GB resident. The quadratic form
 above needs an (N, D) @ (D, K) product instead. It runs in float64, so that
 the expansion's cancellation (z² and μ² against 2 z μ, each scaled by
-σ^-2) costs no precision; the result is cast back to z's dtype.
+σ^-2) costs no precision; the result is cast back to the dtype
+MixtureSameFamily would return (z's and the parameters', promoted).
 (``tests/test_priors.py`` checks it against ``MixtureSameFamily`` to 1e-5.)
 """
 
@@ -70,12 +71,12 @@ class DiagonalNormalMixture(dist.MixtureSameFamily):
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         if self._validate_args:
             self._validate_sample(value)
+        dtype = torch.promote_types(value.dtype, self._params[1].dtype)  # MixtureSameFamily's result type
         logits, loc, scale = (p.double() for p in self._params)  # (K,), (K, D), (K, D)
         z = value.reshape(-1, loc.shape[-1]).double()  # (N, D)
         precision = scale.pow(-2)  # (K, D)
         quad = z.pow(2) @ precision.T - 2 * z @ (loc * precision).T + (loc.pow(2) * precision).sum(-1)  # (N, K)
         log_norm = logits.log_softmax(-1) - scale.log().sum(-1) - 0.5 * loc.shape[-1] * math.log(2 * math.pi)
-        dtype = torch.promote_types(value.dtype, self._params[1].dtype)  # MixtureSameFamily's result type
         lp = torch.logsumexp(log_norm - 0.5 * quad.clamp_min(0), -1).to(dtype)  # (N,)
         lp = lp.reshape(value.shape[:-1])
         return lp.expand(torch.broadcast_shapes(lp.shape, self.batch_shape))

@@ -7,11 +7,12 @@ from pathlib import Path
 
 import torch
 
+from ..infer.registry import estimator_label
+
 
 @torch.no_grad()
 def write_figures(vae, data, metrics: list[dict], run_dir: Path, recipe) -> None:
     """Write ``bound.png``, ``samples.png``, ``reconstructions.png`` and (Nz = 2) ``manifold.png``."""
-    from ..infer.registry import estimator_label
     from ..plots import manifold_images, plot_bound, save_grid  # matplotlib only when figures are drawn
 
     fig_dir = Path(run_dir) / "figures"

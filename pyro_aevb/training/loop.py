@@ -186,7 +186,7 @@ class _Clock:
 class _Progress:
     """The tqdm bar over training samples, with the running bound (read back every 50 steps)."""
 
-    def __init__(self, total: int, initial: int, num_data: int, enabled: bool, label: str = "AEVB"):
+    def __init__(self, total: int, initial: int, num_data: int, enabled: bool, label: str):
         self.bar = tqdm(total=total, initial=initial, unit="sample", unit_scale=True, disable=not enabled, desc=label)
         self.num_data, self.loss, self.steps = num_data, None, 0
 
