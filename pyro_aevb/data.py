@@ -144,16 +144,6 @@ def binarize(x: torch.Tensor) -> torch.Tensor:
     return (torch.rand_like(x) < x).to(x.dtype)
 
 
-def fixed_subset(x: torch.Tensor, n: int, seed: int = 0) -> torch.Tensor:
-    """n rows of x (N, ...) drawn without replacement by a generator seeded with ``seed``: the same rows on
-    every call, for every run (splits may be ordered by class, so the first n are not a sample). All of x
-    when n >= N."""
-    if n >= x.shape[0]:
-        return x
-    rows = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))[:n]
-    return x[rows.to(x.device)]
-
-
 # --------------------------------------------------------------------------- files
 
 def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path | None:

@@ -8,9 +8,8 @@ import json
 import pyro
 import torch
 
-from ..data import fixed_subset
 from ..errors import ConfigError
-from ..evaluation.bounds import Bound, average_bound, bound_values
+from ..evaluation.bounds import Bound, average_bound, bound_values, fixed_subset
 from ..evaluation.marginal_likelihood import DEFAULT_CHUNK_SIZE
 from ..infer.registry import kl_status
 from ..training.run_directory import load

@@ -69,9 +69,8 @@ import pyro.distributions as dist
 import pyro.infer
 from pyro.poutine.messenger import Messenger
 
-from ..data import fixed_subset
 from ..infer.traces import sample_sites, trace_fn
-from .bounds import elbo_per_datapoint, mean_se
+from .bounds import elbo_per_datapoint, fixed_subset, mean_se
 from .marginal_likelihood import DEFAULT_CHUNK_SIZE, log_likelihood
 
 PROPOSALS = ("optimized", "amortized")

@@ -53,6 +53,16 @@ def mean_se(values) -> tuple[float, float]:
     return v.mean().item(), (v.std().item() / math.sqrt(n) if n > 1 else float("nan"))
 
 
+def fixed_subset(x: torch.Tensor, n: int, seed: int = 0) -> torch.Tensor:
+    """n rows of x (N, ...) drawn without replacement by a generator seeded with ``seed``: the same rows on
+    every call, for every run (splits may be ordered by class, so the first n are not a sample). All of x
+    when n >= N."""
+    if n >= x.shape[0]:
+        return x
+    rows = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))[:n]
+    return x[rows.to(x.device)]
+
+
 def log_weights(model, guide, x: torch.Tensor, num_particles: int = 1, **kwargs) -> torch.Tensor:
     r"""Importance log-weights :math:`\log p(x_i, z_{k}) - \log q(z_{k}|x_i)`, shape (K, M), z_k ~ q(z|x_i).
 
