@@ -9,6 +9,7 @@ gradient against autograd on the closed-form log joint.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 
@@ -176,3 +177,34 @@ def test_figure3_end_to_end(tmp_path, capsys, shared_data):
         figure3_module.parse_budgets("1e3,1e2")
     with pytest.raises(ConfigError, match="train-size"):
         figure3_module.subset_dataset(_mnist5k(), 10**6)
+
+
+def test_figure3_subsets_are_fixed_random_samples_of_each_split():
+    """mnist-5k's splits are sorted by digit: the first 1,000 training points are 0s, 1s and 2s, the random
+    subset covers all ten. The random evaluation points are the rows `evaluate --max-datapoints` scores."""
+    from pyro_aevb.commands.evaluate import datapoint_subset
+
+    data = _mnist5k()
+    first = figure3_module.subset_dataset(data, 1000, "first")
+    assert torch.equal(first.train, data.train[:1000]) and first.train_labels.unique().tolist() == [0, 1, 2]
+    random = figure3_module.subset_dataset(data, 1000)
+    assert random.train.shape == (1000, 784) and random.train_labels.unique().numel() == 10
+    assert torch.equal(random.train, figure3_module.subset_dataset(data, 1000).train)  # the same on every call
+    rows = torch.arange(data.train.shape[0]).unsqueeze(1)
+    kept = datapoint_subset(rows, 1000)[:, 0].sort().values  # in the split's order
+    assert torch.equal(random.train, data.train[kept]) and torch.equal(random.train_labels, data.train_labels[kept])
+    assert "fixed random 1,000 (seed 0)" in random.source and "first 1,000" in first.source
+    assert figure3_module.subset_dataset(data, None) is data
+
+    recipe = load_recipe("figure3_mnist_n1000")  # Bernoulli: grey points are binarized once; these are binary
+    binary = dataclasses.replace(random, train=(random.train > 0.5).float(), test=(data.test > 0.5).float(),
+                                 binary=True)
+    train_x, test_x = figure3_module.evaluation_points(recipe, binary, 100)
+    assert torch.equal(test_x, datapoint_subset(binary.test, 100))
+    assert torch.equal(train_x, datapoint_subset(binary.train, 100))
+    test_rows = datapoint_subset(torch.arange(data.test.shape[0]).unsqueeze(1), 100)[:, 0]
+    assert data.test_labels[test_rows].unique().numel() == 10 and data.test_labels[:100].unique().numel() == 1
+    train_first, test_first = figure3_module.evaluation_points(recipe, binary, 100, "first")
+    assert torch.equal(train_first, binary.train[:100]) and torch.equal(test_first, binary.test[:100])
+    with pytest.raises(ConfigError, match="subset"):
+        figure3_module.evaluation_points(recipe, data, 100, "last")

@@ -9,7 +9,7 @@ import pyro
 import torch
 
 from ..errors import ConfigError
-from ..evaluation.bounds import Bound, average_bound, bound_values, fixed_subset
+from ..evaluation.bounds import SUBSET_SEED, Bound, average_bound, bound_values, fixed_subset
 from ..evaluation.marginal_likelihood import DEFAULT_CHUNK_SIZE
 from ..infer.registry import kl_status
 from ..training.run_directory import load
@@ -58,9 +58,6 @@ def command(args) -> None:
         result["world_size"] = w.size
     if w.main:
         print(json.dumps(result) if args.json else _report(result, args))
-
-
-SUBSET_SEED = 0  # the random subset is the same on every call, for every run: scores of runs are paired
 
 
 def datapoint_subset(x: torch.Tensor, n: int | None, subset: str = "random") -> torch.Tensor:

@@ -12,8 +12,12 @@ For each estimator every run starts from the same initial parameters
 (:func:`pyro_aevb.commands.compare.initial_state`). It is trained to the first budget of
 training samples, evaluated, then continued exactly from its checkpoint
 (``train(..., resume=True, force=True)`` with the next, larger budget), and so
-on. At every budget :math:`\log p_\theta(x)` is estimated on the first
-``eval_points`` training and test points. ``OUT/figure3.json`` holds the
+on. At every budget :math:`\log p_\theta(x)` is estimated on ``eval_points``
+training and test points: a fixed random subset of each split (``subset="random"``,
+the rows ``evaluate --max-datapoints`` scores), or the first ones (``"first"``).
+``train_size`` likewise keeps a fixed random subset of the training set, or its
+first points: mnist-5k's splits are sorted by digit and binarized MNIST's test
+split comes in blocks of similar digits, so the first points are not a sample. ``OUT/figure3.json`` holds the
 curves, ``OUT/figure3.png`` draws them (train solid, test dashed, log x-axis,
 as in the paper) and a table is printed.
 
@@ -36,7 +40,7 @@ from ..config import Recipe, load_recipe, make_recipe
 from ..data import Dataset, load_dataset
 from ..errors import ConfigError
 from ..evaluation.appendix_d import hmc_log_likelihood
-from ..evaluation.bounds import mean_se
+from ..evaluation.bounds import SUBSET_SEED, fixed_subset_rows, mean_se
 from ..training.loop import train
 from .common import add_run_arguments, default_out_dir, overrides_of, single_process
 from .compare import estimator_recipe, initial_state, parse_estimators, parse_options, state_digest
@@ -58,24 +62,40 @@ def parse_budgets(text: str) -> list[int]:
     return budgets
 
 
-def subset_dataset(dataset, train_size: int | None):
-    """The data set with only its first ``train_size`` training points (None: all of them)."""
+SUBSETS = ("random", "first")
+
+
+def _rows(size: int, n: int, subset: str) -> torch.Tensor:
+    """Indices of the n rows kept of ``size``: a fixed random subset (seed ``SUBSET_SEED``) or the first n."""
+    if subset not in SUBSETS:
+        raise ConfigError(f"subset must be one of {', '.join(SUBSETS)}, got {subset!r}")
+    return torch.arange(min(n, size)) if subset == "first" else fixed_subset_rows(size, n, SUBSET_SEED)
+
+
+def subset_dataset(dataset, train_size: int | None, subset: str = "random"):
+    """The data set with only ``train_size`` of its training points (None: all of them): a fixed random
+    subset, in the split's order, or the first ``train_size`` (``subset="first"``)."""
     if train_size is None:
         return dataset
     n = dataset.train.shape[0]
     if not 0 < train_size <= n:
         raise ConfigError(f"--train-size must lie in 1..{n} (the training set of '{dataset.name}'), got {train_size}")
-    labels = dataset.train_labels[:train_size] if dataset.train_labels is not None else None
-    return Dataset(name=dataset.name, train=dataset.train[:train_size], test=dataset.test,
+    rows = _rows(n, train_size, subset).sort().values  # (train_size,)
+    labels = dataset.train_labels[rows] if dataset.train_labels is not None else None
+    which = f"first {train_size:,}" if subset == "first" else f"a fixed random {train_size:,} (seed {SUBSET_SEED})"
+    return Dataset(name=dataset.name, train=dataset.train[rows], test=dataset.test,
                    image_shape=dataset.image_shape, binary=dataset.binary, train_labels=labels,
                    test_labels=dataset.test_labels, valid=dataset.valid,
-                   source=f"{dataset.source} (first {train_size} training points)",
+                   source=f"{dataset.source} ({which} training points)",
                    load_seconds=dataset.load_seconds)
 
 
-def evaluation_points(recipe: Recipe, dataset, eval_points: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first ``eval_points`` training and test points, binarized once (fixed seed) for grey data."""
-    train_x, test_x = dataset.train[:eval_points], dataset.test[:eval_points]
+def evaluation_points(recipe: Recipe, dataset, eval_points: int,
+                      subset: str = "random") -> tuple[torch.Tensor, torch.Tensor]:
+    """``eval_points`` training and test points (a fixed random subset of each split, or the first ones),
+    binarized once (fixed seed) for grey data."""
+    train_x = dataset.train[_rows(dataset.train.shape[0], eval_points, subset)]
+    test_x = dataset.test[_rows(dataset.test.shape[0], eval_points, subset)]
     if recipe.likelihood == "bernoulli" and not dataset.binary:
         gen = torch.Generator().manual_seed(recipe.seed + 54321)
         train_x, test_x = torch.bernoulli(train_x, generator=gen), torch.bernoulli(test_x, generator=gen)
@@ -105,7 +125,7 @@ def paired_differences(figure: dict, split: str) -> dict[str, list[tuple[float, 
 
 def figure3(recipe: Recipe, names: list[str], out_dir: str | Path, budgets: list[int],
             options: dict[str, dict] | None = None, dataset=None, train_size: int | None = None,
-            eval_points: int = 100, hmc_samples: int = 100, warmup_steps: int | None = None,
+            subset: str = "random", eval_points: int = 100, hmc_samples: int = 100, warmup_steps: int | None = None,
             kernel: str = "nuts", points_per_chain: int = DEFAULT_POINTS_PER_CHAIN, overwrite: bool = False,
             progress: bool = False) -> dict:
     """Train each estimator in ``names`` through ``budgets``; estimate log p(x) at each; return figure3.json."""
@@ -115,14 +135,14 @@ def figure3(recipe: Recipe, names: list[str], out_dir: str | Path, budgets: list
     if eval_points < 1 or hmc_samples < 2 or points_per_chain < 1:
         raise ConfigError(f"eval_points and points_per_chain must be >= 1 and hmc_samples >= 2, got "
                           f"{eval_points}, {points_per_chain}, {hmc_samples}")
-    dataset = subset_dataset(dataset or load_dataset(recipe.dataset, recipe.data_dir or None), train_size)
+    dataset = subset_dataset(dataset or load_dataset(recipe.dataset, recipe.data_dir or None), train_size, subset)
     recipes = {name: estimator_recipe(recipe, name, options.get(name, {}), dataset.dim) for name in names}
     for name in names:  # fail before training anything
         run_dir = out_dir / name
         if run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
             raise ConfigError(f"run directory {run_dir} already exists; choose another --out, or pass --overwrite")
     state = initial_state(recipe, dataset)
-    train_x, test_x = evaluation_points(recipe, dataset, eval_points)
+    train_x, test_x = evaluation_points(recipe, dataset, eval_points, subset)
     hmc = {"num_samples": hmc_samples, "warmup_steps": warmup_steps, "kernel": kernel,
            "points_per_chain": points_per_chain}
 
@@ -160,6 +180,7 @@ def figure3(recipe: Recipe, names: list[str], out_dir: str | Path, budgets: list
         "dataset": dataset.name,
         "n_train": dataset.train.shape[0],
         "eval_points": {"train": train_x.shape[0], "test": test_x.shape[0]},
+        "subset": {"rule": subset, "seed": SUBSET_SEED if subset == "random" else None, "source": dataset.source},
         "hmc": {**hmc, "estimator": "Kingma & Welling (2013), Appendix D"},
         "initial_state_sha256": state_digest(state),
     }
@@ -206,7 +227,7 @@ def command(args) -> None:
     budgets = parse_budgets(args.budgets)
     recipe = load_recipe(args.recipe, overrides_of(args))
     out = Path(args.out) if args.out else default_out_dir("figure3", args.recipe)
-    figure = figure3(recipe, names, out, budgets, options, train_size=args.train_size,
+    figure = figure3(recipe, names, out, budgets, options, train_size=args.train_size, subset=args.subset,
                      eval_points=args.eval_points, hmc_samples=args.hmc_samples, warmup_steps=args.warmup_steps,
                      kernel=args.kernel, points_per_chain=args.points_per_chain, overwrite=args.overwrite,
                      progress=not args.no_progress)
@@ -225,7 +246,11 @@ def register(subparsers, help: str = "") -> None:
     p.add_argument("--budgets", default=DEFAULT_BUDGETS,
                    help=f"training samples at which to evaluate, increasing (default: {DEFAULT_BUDGETS})")
     p.add_argument("--train-size", type=int,
-                   help="use only the first N training points (the paper: 1000 and 50000; default: all)")
+                   help="use only N training points, chosen by --subset (the paper: 1000 and 50000; default: all)")
+    p.add_argument("--subset", choices=SUBSETS, default="random",
+                   help="which points --train-size and --eval-points keep: a fixed random subset, the same on "
+                        "every call (default; the rows evaluate --max-datapoints scores), or the first N (the "
+                        "splits may be sorted by digit)")
     p.add_argument("--eval-points", type=int, default=100,
                    help="training and test points on which log p(x) is estimated (default 100, for a CPU; "
                         "the paper used 1000)")

@@ -70,7 +70,7 @@ import pyro.infer
 from pyro.poutine.messenger import Messenger
 
 from ..infer.traces import sample_sites, trace_fn
-from .bounds import elbo_per_datapoint, fixed_subset, mean_se
+from .bounds import SUBSET_SEED, elbo_per_datapoint, fixed_subset, mean_se
 from .marginal_likelihood import DEFAULT_CHUNK_SIZE, log_likelihood
 
 PROPOSALS = ("optimized", "amortized")
@@ -323,8 +323,8 @@ def amortization_gap(
     )
 
 
-def amortization_gap_summary(model, guide, x: torch.Tensor, num_points: int | None = None, subset_seed: int = 0,
-                             **kwargs) -> dict:
+def amortization_gap_summary(model, guide, x: torch.Tensor, num_points: int | None = None,
+                             subset_seed: int = SUBSET_SEED, **kwargs) -> dict:
     """:func:`amortization_gap` on ``num_points`` rows of x (N, D), as a JSON-ready dict (for ``evaluate``).
 
     The rows are drawn without replacement by a generator seeded with

@@ -53,14 +53,25 @@ def mean_se(values) -> tuple[float, float]:
     return v.mean().item(), (v.std().item() / math.sqrt(n) if n > 1 else float("nan"))
 
 
-def fixed_subset(x: torch.Tensor, n: int, seed: int = 0) -> torch.Tensor:
-    """n rows of x (N, ...) drawn without replacement by a generator seeded with ``seed``: the same rows on
-    every call, for every run (splits may be ordered by class, so the first n are not a sample). All of x
-    when n >= N."""
+#: The seed of every fixed random subset of a split (``evaluate --max-datapoints``, ``figure3``): the same
+#: rows on every call, for every run, so scores of runs are paired.
+SUBSET_SEED = 0
+
+
+def fixed_subset_rows(size: int, n: int, seed: int = SUBSET_SEED) -> torch.Tensor:
+    """The indices of n of ``size`` rows, drawn without replacement by a generator seeded with ``seed``:
+    the same rows on every call, for every run (splits may be ordered by class, so the first n are not a
+    sample). All rows, in order, when n >= size."""
+    if n >= size:
+        return torch.arange(size)
+    return torch.randperm(size, generator=torch.Generator().manual_seed(seed))[:n]
+
+
+def fixed_subset(x: torch.Tensor, n: int, seed: int = SUBSET_SEED) -> torch.Tensor:
+    """n rows of x (N, ...) chosen by :func:`fixed_subset_rows`. All of x when n >= N."""
     if n >= x.shape[0]:
         return x
-    rows = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))[:n]
-    return x[rows.to(x.device)]
+    return x[fixed_subset_rows(x.shape[0], n, seed).to(x.device)]
 
 
 def log_weights(model, guide, x: torch.Tensor, num_particles: int = 1, **kwargs) -> torch.Tensor:
