@@ -9,7 +9,7 @@ import pyro
 import torch
 
 from ..errors import ConfigError
-from ..evaluation.bounds import SUBSET_SEED, Bound, average_bound, bound_values, fixed_subset
+from ..evaluation.bounds import SUBSET_RULES, Bound, average_bound, bound_values, subset_rows
 from ..evaluation.marginal_likelihood import DEFAULT_CHUNK_SIZE
 from ..infer.registry import kl_status
 from ..training.run_directory import load
@@ -62,7 +62,7 @@ def command(args) -> None:
 
 def datapoint_subset(x: torch.Tensor, n: int | None, subset: str = "random") -> torch.Tensor:
     """The rows scored under ``--max-datapoints n``: a fixed random subset (``subset="random"``, seed
-    :data:`SUBSET_SEED`), or the first n rows (``"first"``). ``None``: all of x.
+    :data:`~pyro_aevb.evaluation.bounds.SUBSET_SEED`), or the first n rows (``"first"``). ``None``: all of x.
 
     Random is the default because test splits are often ordered: the binarized MNIST test split comes
     in blocks of similar digits (its first 1,000 have 133 pixels on, on average, its next 1,000 have 60,
@@ -72,7 +72,7 @@ def datapoint_subset(x: torch.Tensor, n: int | None, subset: str = "random") -> 
         return x
     if n <= 0:
         raise ConfigError(f"--max-datapoints must be positive, got {n}")
-    return x[:n] if subset == "first" else fixed_subset(x, n, SUBSET_SEED)
+    return x[subset_rows(x.shape[0], n, subset).to(x.device)]
 
 
 def _bound(vae, x, particles: int, analytic: bool, w) -> Bound:
@@ -153,7 +153,7 @@ def register(subparsers, help: str = "") -> None:
     p.add_argument("--num-particles", type=int, help="samples of z per datapoint (default: the recipe's)")
     p.add_argument("--max-datapoints", type=int, metavar="N",
                    help="score only N datapoints of the split: a fixed random subset (see --subset)")
-    p.add_argument("--subset", choices=["random", "first"], default="random",
+    p.add_argument("--subset", choices=SUBSET_RULES, default="random",
                    help="which N datapoints --max-datapoints keeps: a fixed random subset, the same on every call "
                         "(default; splits are often ordered by class), or the first N")
     p.add_argument("--data-dir")

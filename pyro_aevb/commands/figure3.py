@@ -17,8 +17,8 @@ training and test points: a fixed random subset of each split (``subset="random"
 the rows ``evaluate --max-datapoints`` scores), or the first ones (``"first"``).
 ``train_size`` likewise keeps a fixed random subset of the training set, or its
 first points: mnist-5k's splits are sorted by digit and binarized MNIST's test
-split comes in blocks of similar digits, so the first points are not a sample. ``OUT/figure3.json`` holds the
-curves, ``OUT/figure3.png`` draws them (train solid, test dashed, log x-axis,
+split comes in blocks of similar digits, so the first points are not a sample.
+``OUT/figure3.json`` holds the curves, ``OUT/figure3.png`` draws them (train solid, test dashed, log x-axis,
 as in the paper) and a table is printed.
 
 .. warning:: The Appendix D estimator's NUTS chains cost a few seconds a datapoint on a CPU with one
@@ -40,7 +40,7 @@ from ..config import Recipe, load_recipe, make_recipe
 from ..data import Dataset, load_dataset
 from ..errors import ConfigError
 from ..evaluation.appendix_d import hmc_log_likelihood
-from ..evaluation.bounds import SUBSET_SEED, fixed_subset_rows, mean_se
+from ..evaluation.bounds import SUBSET_RULES, SUBSET_SEED, mean_se, subset_rows
 from ..training.loop import train
 from .common import add_run_arguments, default_out_dir, overrides_of, single_process
 from .compare import estimator_recipe, initial_state, parse_estimators, parse_options, state_digest
@@ -62,16 +62,6 @@ def parse_budgets(text: str) -> list[int]:
     return budgets
 
 
-SUBSETS = ("random", "first")
-
-
-def _rows(size: int, n: int, subset: str) -> torch.Tensor:
-    """Indices of the n rows kept of ``size``: a fixed random subset (seed ``SUBSET_SEED``) or the first n."""
-    if subset not in SUBSETS:
-        raise ConfigError(f"subset must be one of {', '.join(SUBSETS)}, got {subset!r}")
-    return torch.arange(min(n, size)) if subset == "first" else fixed_subset_rows(size, n, SUBSET_SEED)
-
-
 def subset_dataset(dataset, train_size: int | None, subset: str = "random"):
     """The data set with only ``train_size`` of its training points (None: all of them): a fixed random
     subset, in the split's order, or the first ``train_size`` (``subset="first"``)."""
@@ -80,7 +70,7 @@ def subset_dataset(dataset, train_size: int | None, subset: str = "random"):
     n = dataset.train.shape[0]
     if not 0 < train_size <= n:
         raise ConfigError(f"--train-size must lie in 1..{n} (the training set of '{dataset.name}'), got {train_size}")
-    rows = _rows(n, train_size, subset).sort().values  # (train_size,)
+    rows = subset_rows(n, train_size, subset).sort().values  # (train_size,)
     labels = dataset.train_labels[rows] if dataset.train_labels is not None else None
     which = f"first {train_size:,}" if subset == "first" else f"a fixed random {train_size:,} (seed {SUBSET_SEED})"
     return Dataset(name=dataset.name, train=dataset.train[rows], test=dataset.test,
@@ -94,8 +84,8 @@ def evaluation_points(recipe: Recipe, dataset, eval_points: int,
                       subset: str = "random") -> tuple[torch.Tensor, torch.Tensor]:
     """``eval_points`` training and test points (a fixed random subset of each split, or the first ones),
     binarized once (fixed seed) for grey data."""
-    train_x = dataset.train[_rows(dataset.train.shape[0], eval_points, subset)]
-    test_x = dataset.test[_rows(dataset.test.shape[0], eval_points, subset)]
+    train_x = dataset.train[subset_rows(dataset.train.shape[0], eval_points, subset)]
+    test_x = dataset.test[subset_rows(dataset.test.shape[0], eval_points, subset)]
     if recipe.likelihood == "bernoulli" and not dataset.binary:
         gen = torch.Generator().manual_seed(recipe.seed + 54321)
         train_x, test_x = torch.bernoulli(train_x, generator=gen), torch.bernoulli(test_x, generator=gen)
@@ -247,7 +237,7 @@ def register(subparsers, help: str = "") -> None:
                    help=f"training samples at which to evaluate, increasing (default: {DEFAULT_BUDGETS})")
     p.add_argument("--train-size", type=int,
                    help="use only N training points, chosen by --subset (the paper: 1000 and 50000; default: all)")
-    p.add_argument("--subset", choices=SUBSETS, default="random",
+    p.add_argument("--subset", choices=SUBSET_RULES, default="random",
                    help="which points --train-size and --eval-points keep: a fixed random subset, the same on "
                         "every call (default; the rows evaluate --max-datapoints scores), or the first N (the "
                         "splits may be sorted by digit)")

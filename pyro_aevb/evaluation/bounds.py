@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch.distributions import kl_divergence
 
+from ..errors import ConfigError
 from ..infer.traces import log_densities, per_datapoint, sample_sites
 
 
@@ -65,6 +66,18 @@ def fixed_subset_rows(size: int, n: int, seed: int = SUBSET_SEED) -> torch.Tenso
     if n >= size:
         return torch.arange(size)
     return torch.randperm(size, generator=torch.Generator().manual_seed(seed))[:n]
+
+
+#: The rules for which n rows of a split a command keeps: a fixed random subset, or the first n.
+SUBSET_RULES = ("random", "first")
+
+
+def subset_rows(size: int, n: int, rule: str = "random") -> torch.Tensor:
+    """The indices of the n rows of ``size`` that ``rule`` keeps: :func:`fixed_subset_rows` (seed
+    :data:`SUBSET_SEED`) for ``"random"``, the first n for ``"first"``."""
+    if rule not in SUBSET_RULES:
+        raise ConfigError(f"subset must be one of {', '.join(SUBSET_RULES)}, got {rule!r}")
+    return torch.arange(min(n, size)) if rule == "first" else fixed_subset_rows(size, n, SUBSET_SEED)
 
 
 def fixed_subset(x: torch.Tensor, n: int, seed: int = SUBSET_SEED) -> torch.Tensor:
