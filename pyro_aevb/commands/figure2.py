@@ -12,15 +12,25 @@ estimator=... --out OUT/<recipe>/<estimator>``. The command trains what is missi
 interrupted (``--resume``, exactly), continues a finished run to a larger budget, and collects what
 is done; then it writes ``OUT/figure2.json`` (every curve, final bounds) and ``OUT/figure2.png``.
 Both estimators of a panel start from the same initial parameters (same recipe, same seed).
+
+Beside each run it sets the paper's own curve: ``models/figure2_paper.csv`` holds Figure 2 as drawn in
+arXiv:1312.6114v10, read from the vector paths of its PDF (``benchmarks/paper_figure2.py``: the
+plotted vertices, calibrated on each panel's tick marks, to about 1 nat on MNIST and 5 on Frey Face).
+The figure draws it faint behind ours, and the table and ``figure2.json`` give its value at the
+run's last evaluation (``paper_train``, ``paper_test``; ``None`` outside the paper's x-axis).
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import math
+from functools import lru_cache
 from pathlib import Path
 
-from ..config import Recipe, load_recipe, make_recipe
+import numpy as np
+
+from ..config import RECIPE_DIR, Recipe, load_recipe, make_recipe
 from ..errors import ConfigError
 from ..infer.registry import estimator_label
 from ..training.loop import train
@@ -32,6 +42,31 @@ MNIST_PANELS = ("mnist_nz3", "mnist_nz5", "mnist_nz10", "mnist_nz20", "mnist_nz2
 FREY_PANELS = ("frey_nz2", "frey_nz5", "frey_nz10", "frey_nz20")
 PANELS = MNIST_PANELS + FREY_PANELS
 ESTIMATORS = ("sgvb-b", "wake-sleep")
+PAPER_CSV = RECIPE_DIR / "figure2_paper.csv"
+
+
+@lru_cache(maxsize=1)
+def paper_curves() -> dict[tuple[str, str, str], tuple[np.ndarray, np.ndarray]]:
+    """The paper's Figure 2: ``(panel, estimator, split) -> (log10 samples, bound)``, 36 curves."""
+    curves: dict = {}
+    with open(PAPER_CSV, newline="") as f:
+        for row in csv.DictReader(line for line in f if not line.startswith("#")):
+            key = (row["panel"], row["estimator"], row["split"])
+            curves.setdefault(key, ([], []))
+            curves[key][0].append(float(row["log10_samples"]))
+            curves[key][1].append(float(row["bound"]))
+    return {key: (np.array(x), np.array(y)) for key, (x, y) in curves.items()}
+
+
+def paper_bound(panel: str, estimator: str, split: str, samples: float) -> float | None:
+    """The paper's bound at ``samples`` training samples, interpolated in log10 samples; ``None`` where
+    the paper has no such curve or its curve does not reach ``samples``."""
+    curve = paper_curves().get((panel, estimator, split))
+    if curve is None or samples <= 0:
+        return None
+    x, y = curve
+    at = math.log10(samples)
+    return float(np.interp(at, x, y)) if x[0] - 1e-9 <= at <= x[-1] + 1e-9 else None
 
 
 def panel_recipe(panel: str, estimator: str, budget: int, overrides: list[str]) -> Recipe:
@@ -87,11 +122,14 @@ def figure2(out_dir: str | Path, panels=PANELS, estimators=ESTIMATORS, budget: i
             else:
                 action = train_panel(panel_recipe(panel, estimator, budget, overrides), run_dir, progress)
             rows = [r for r in read_metrics(run_dir / "metrics.jsonl") if r["samples"] <= budget]
+            last = rows[-1]["samples"] if rows else 0
             curves[estimator] = {"action": action, "run_dir": str(run_dir),
                                  "samples": [r["samples"] for r in rows],
                                  "train_elbo": [r["train_elbo"] for r in rows],
                                  "test_elbo": [r["test_elbo"] for r in rows],
-                                 "final": rows[-1] if rows else None}
+                                 "final": rows[-1] if rows else None,
+                                 "paper_train": paper_bound(panel, estimator, "train", last),
+                                 "paper_test": paper_bound(panel, estimator, "test", last)}
         figure["panels"][panel] = curves
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "figure2.json").write_text(json.dumps(figure, indent=1) + "\n")
@@ -114,29 +152,39 @@ def plot_figure2(figure: dict, path: Path) -> None:
             if j >= len(row):
                 ax.set_axis_off()
                 continue
-            curves = figure["panels"][row[j]]
-            series = {estimator_label(e): (c["samples"], c["train_elbo"], c["test_elbo"])
-                      for e, c in curves.items() if c["samples"]}
+            curves = {e: c for e, c in figure["panels"][row[j]].items() if c["samples"]}
+            series = {estimator_label(e): (c["samples"], c["train_elbo"], c["test_elbo"]) for e, c in curves.items()}
             dataset, nz = row[j].split("_nz")
+            colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+            for estimator, colour in zip(curves, colours):  # the paper's curves, faint and wide, behind ours
+                for split, style in (("train", "-"), ("test", "--")):
+                    if (row[j], estimator, split) in paper_curves():
+                        x, y = paper_curves()[(row[j], estimator, split)]
+                        ax.plot(10**x, y, style, color=colour, lw=3, alpha=0.3,
+                                label=f"paper: {estimator_label(estimator)}" if split == "train" else None)
             plot_train_test(series, path, "bound per datapoint" if j == 0 else "",
-                            f"{'MNIST' if dataset == 'mnist' else 'Frey Face'}, $N_z$ = {nz}", ax=ax, marker="o")
-            ax.legend(fontsize="x-small")
+                            f"{'MNIST' if dataset == 'mnist' else 'Frey Face'}, $N_z$ = {nz}", ax=ax,
+                            colours=colours, marker="o")
+            ax.legend(fontsize="xx-small")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
 def format_table(figure: dict) -> str:
-    lines = [f"{'panel':<12} {'estimator':<12} {'samples':>12} {'train bound':>12} {'test bound':>18} {'action':>10}"]
+    """One line per run: its last bounds, and the paper's test bound at the same training samples."""
+    lines = [f"{'panel':<12} {'estimator':<12} {'samples':>12} {'train bound':>12} {'test bound':>18} "
+             f"{'paper test':>11} {'action':>10}"]
     for panel, curves in figure["panels"].items():
         for estimator, c in curves.items():
             f = c["final"]
             if f is None:
-                lines.append(f"{panel:<12} {estimator:<12} {'-':>12} {'-':>12} {'-':>18} {c['action']:>10}")
+                lines.append(f"{panel:<12} {estimator:<12} {'-':>12} {'-':>12} {'-':>18} {'-':>11} {c['action']:>10}")
                 continue
             test = f"{f['test_elbo']:.2f} ± {f['test_elbo_se']:.2f}"
+            paper = "-" if c.get("paper_test") is None else f"{c['paper_test']:.1f}"
             lines.append(f"{panel:<12} {estimator:<12} {f['samples']:>12,} {f['train_elbo']:>12.2f} {test:>18} "
-                         f"{c['action']:>10}")
+                         f"{paper:>11} {c['action']:>10}")
     return "\n".join(lines)
 
 
@@ -157,7 +205,8 @@ def command(args) -> None:
                      parse_names(args.estimators, ESTIMATORS, "estimators"), budget, overrides_of(args),
                      collect_only=args.collect_only, progress=not args.no_progress)
     print(format_table(figure))
-    print(f"(average lower bound per datapoint, nats, at up to {budget:,} training samples) -> "
+    print(f"(average lower bound per datapoint, nats, at up to {budget:,} training samples; paper test: the "
+          "paper's Figure 2 at the same samples, read from its PDF) -> "
           f"{args.out}/figure2.json, {args.out}/figure2.png")
 
 
