@@ -36,6 +36,7 @@ def test_the_wheel_holds_every_recipe(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
     recipes = sorted(p.name for p in (REPO / "models").glob("*.toml"))
     assert recipes and all(f"pyro_aevb/recipes/{name}" in names for name in recipes)
+    assert "pyro_aevb/recipes/figure2_paper.csv" in names  # figure2's paper curves
     assert "pyro_aevb/commands/cli.py" in names and "pyro_aevb/infer/traces.py" in names
 
 
