@@ -6,9 +6,10 @@ the page to SVG (``pdftocairo``, Debian's poppler-utils), takes the 36 coloured 
 panels (red: AEVB, green: wake-sleep; dashed: test, solid: train), maps each panel's coordinates to
 (log10 training samples, bound) by a straight-line fit through its tick marks (x: 10^5 ... 10^8; y:
 -150 ... -100 for MNIST, 0 ... 1600 for Frey Face; the fit's residuals are printed), and writes each
-curve at log10 samples = 5.00, 5.05, ... within both the curve and the printed x-axis (MNIST to
-10^8.4, Frey Face to 10^8), linearly interpolated between vertices. Values below the printed y-axis
-(MNIST Nz = 3 before ~2e6 samples) are in the PDF's paths but clipped in the printed figure.
+curve resampled at log10 samples = 5.00, 5.05, ..., linearly interpolated between its vertices, where
+the printed figure shows it: inside the panel's frame (MNIST: x to 10^8.4, y from -150 to -95; Frey
+Face: x to 10^8, y from 0 to 1600). The PDF's paths run on outside the frames (every MNIST curve starts
+near -240 at 10^5), but the printed figure clips them there, so no reading is given.
 
     python benchmarks/paper_figure2.py 1312.6114v10.pdf models/figure2_paper.csv
 
@@ -30,7 +31,6 @@ import numpy as np
 
 MNIST = ("mnist_nz3", "mnist_nz5", "mnist_nz10", "mnist_nz20", "mnist_nz200")  # left to right, top row
 FREY = ("frey_nz2", "frey_nz5", "frey_nz10", "frey_nz20")  # bottom row
-X_MAX = {"mnist": 8.4, "frey": 8.0}  # the printed x-axes' right ends (log10 samples; MNIST's is 10^8.398)
 STEP = 0.05
 SVG = "{http://www.w3.org/2000/svg}"
 
@@ -76,6 +76,7 @@ def panels(paths) -> list[dict]:
             raise SystemExit(f"unexpected tick marks in the frame at x = {x0:.1f}: {len(xs)} x, {len(ys)} y")
         fx, fy = np.polyfit(xs, [5, 6, 7, 8], 1), np.polyfit(ys, values, 1)
         out.append({"frame": (x0, x1, y0, y1), "fx": fx, "fy": fy, "mnist": mnist,
+                    "x_range": tuple(np.polyval(fx, [x0, x1])), "y_range": tuple(np.polyval(fy, [y0, y1])),
                     "residual": float(np.abs(np.polyval(fy, ys) - values).max())})
     names = iter(MNIST + FREY)
     for p in out:
@@ -111,14 +112,20 @@ def main(argv=None) -> None:
         for estimator, split, lx, bound in curves(paths, panel):
             order = np.argsort(lx)
             lx, bound = lx[order], bound[order]
-            top = min(lx[-1], X_MAX["mnist" if panel["mnist"] else "frey"])
+            top = min(lx[-1], panel["x_range"][1])
             grid = np.arange(max(5.0, np.ceil(lx[0] / STEP) * STEP), top + 1e-9, STEP)
-            for g, b in zip(grid, np.interp(grid, lx, bound)):
+            values = np.interp(grid, lx, bound)
+            low, high = panel["y_range"]
+            shown = (values >= low) & (values <= high)  # what the printed figure shows of the curve
+            if not shown.any() or not shown[shown.argmax():].all():
+                raise SystemExit(f"{panel['name']} {estimator} {split}: the curve leaves the frame and comes back")
+            for g, b in zip(grid[shown], values[shown]):
                 lines.append(f"{panel['name']},{estimator},{split},{g:.2f},{b:.1f}")
             found += 1
             at = {t: float(np.interp(t, lx, bound)) for t in (6, 7, 8)}
             print(f"{panel['name']:<11} {estimator:<10} {split:<5} 1e6 {at[6]:8.1f}  1e7 {at[7]:8.1f}  "
-                  f"1e8 {at[8]:8.1f}  (y-tick fit residual {panel['residual']:.3f})", file=sys.stderr)
+                  f"1e8 {at[8]:8.1f}  shown from 10^{grid[shown][0]:.2f}  (y-tick fit residual "
+                  f"{panel['residual']:.3f})", file=sys.stderr)
         if found != 4:
             raise SystemExit(f"{panel['name']}: found {found} curves, expected 4")
     args.out.write_text("\n".join(lines) + "\n")

@@ -141,7 +141,9 @@ def import_checkpoint(args) -> None:
     ours.update({k: v for k, v in vae.state_dict().items() if k.startswith("prior.")})  # N(0, I), as pythae's
     vae.load_state_dict(ours)  # strict: every parameter mapped
     out = Path(args.run_dir)
-    out.mkdir(parents=True, exist_ok=False)
+    if out.exists():
+        raise SystemExit(f"{out} already exists: choose another run directory")
+    out.mkdir(parents=True)
     payload = {"model": vae.state_dict(), "step": 0, "recipe": recipe.to_dict(), "image_shape": [28, 28],
                "data_dim": 784}
     for name in ("checkpoint.pt", "best.pt"):
