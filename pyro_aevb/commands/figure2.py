@@ -162,9 +162,9 @@ def plot_figure2(figure: dict, path: Path) -> None:
             colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
             for estimator, colour in zip(curves, colours):  # the paper's curves, faint and wide, behind ours
                 for split, style in (("train", "-"), ("test", "--")):
-                    if (row[j], estimator, split) in paper_curves():
-                        x, y = paper_curves()[(row[j], estimator, split)]
-                        ax.plot(10**x, y, style, color=colour, lw=3, alpha=0.3,
+                    paper = paper_curves().get((row[j], estimator, split))
+                    if paper is not None:
+                        ax.plot(10 ** paper[0], paper[1], style, color=colour, lw=3, alpha=0.3,
                                 label=f"paper: {estimator_label(estimator)}" if split == "train" else None)
             plot_train_test(series, path, "bound per datapoint" if j == 0 else "",
                             f"{'MNIST' if dataset == 'mnist' else 'Frey Face'}, $N_z$ = {nz}", ax=ax,
